@@ -1,0 +1,299 @@
+"""The public facade: validate and encode on the caller's thread, then queue.
+
+Also the process-wide hooks: one ``atexit`` handler that flushes every live
+client within one shared budget, and one ``os.register_at_fork`` hook that
+gives each client a fresh, empty sender in a forked child.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+import weakref
+from types import TracebackType
+from typing import Any
+
+from ._config import Config, ErrorHook, mask_key
+from ._event import PageviewData, encode_event, encode_pageview
+from ._worker import Stats, Worker
+from .exceptions import InvalidEventError
+
+# Workers, not clients: a client that was garbage-collected with events
+# still queued must be flushed at exit too. A worker leaves this set when it
+# is shut down explicitly.
+_live: weakref.WeakSet[Worker] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+class Produl:
+    """Tracks pageviews and events from a backend; delivery happens in the background.
+
+    ``track_*`` calls validate their input, encode it and queue it in
+    microseconds; a daemon thread delivers the queue to ``{api_url}/api/collect``
+    when 10 events are waiting, 5 seconds after the last one was queued,
+    on :meth:`flush`, and when the interpreter exits.
+
+    Args:
+        server_key: The site's server key. Default: the ``PRODUL_SERVER_KEY``
+            environment variable.
+        api_url: Where to send events. Default: ``PRODUL_API_URL``, else
+            ``https://app.produl.tech``.
+        enabled: ``False`` validates every call but sends nothing.
+        sync_mode: Send on the caller's thread, for hosts that cannot run
+            threads. Each ``track_*`` call then waits for its request.
+        flush_at: Send when this many events are queued.
+        flush_interval: Send this many seconds after the last enqueue.
+        max_delay: Send at the latest this many seconds after the oldest
+            queued event was queued, even if events keep arriving.
+        max_queue_size: Events held at most; beyond it new events are dropped
+            (counted, logged) instead of blocking the caller.
+        shutdown_timeout: Seconds the exit (or :meth:`shutdown`) may spend
+            delivering what is left.
+        request_timeout: Seconds to connect, and to wait for an answer.
+        max_requests_per_minute: The client-side pace; ``None`` turns it off.
+        max_retry_time: Seconds an event may keep failing (429, 5xx,
+            network) before it is given up and reported.
+        retry_initial_delay: The first backoff ceiling, doubled per failure.
+        retry_max_delay: The largest backoff between two attempts.
+        raise_on_invalid: ``False`` turns :class:`InvalidEventError` into a
+            logged, counted drop.
+        on_error: Called as ``on_error(error, event)`` with a
+            :class:`~produl_server.DeliveryError` for every event that is not
+            delivered; runs on the sender thread and must not block.
+        proxy: An HTTP(S) proxy URL. Default: the ``HTTPS_PROXY`` /
+            ``HTTP_PROXY`` / ``NO_PROXY`` environment variables.
+        verify: ``False`` to skip TLS verification, or a CA bundle path.
+
+    Raises:
+        ConfigurationError: No server key, or an invalid option.
+    """
+
+    def __init__(
+        self,
+        server_key: str | None = None,
+        *,
+        api_url: str | None = None,
+        enabled: bool = True,
+        sync_mode: bool = False,
+        flush_at: int = 10,
+        flush_interval: float = 5.0,
+        max_delay: float = 30.0,
+        max_queue_size: int = 10_000,
+        shutdown_timeout: float = 5.0,
+        request_timeout: float = 10.0,
+        max_requests_per_minute: int | None = 2000,
+        max_retry_time: float = 600.0,
+        retry_initial_delay: float = 0.5,
+        retry_max_delay: float = 30.0,
+        raise_on_invalid: bool = True,
+        on_error: ErrorHook | None = None,
+        proxy: str | None = None,
+        verify: bool | str = True,
+    ) -> None:
+        self._config = Config.from_env(
+            server_key,
+            api_url,
+            enabled=enabled,
+            sync_mode=sync_mode,
+            flush_at=flush_at,
+            flush_interval=flush_interval,
+            max_delay=max_delay,
+            max_queue_size=max_queue_size,
+            shutdown_timeout=shutdown_timeout,
+            request_timeout=request_timeout,
+            max_requests_per_minute=max_requests_per_minute,
+            max_retry_time=max_retry_time,
+            retry_initial_delay=retry_initial_delay,
+            retry_max_delay=retry_max_delay,
+            raise_on_invalid=raise_on_invalid,
+            on_error=on_error,
+            proxy=proxy,
+            verify=verify,
+        )
+        self._worker = Worker(self._config)
+        self._enabled = enabled
+        self._raise = raise_on_invalid
+        if enabled:
+            with _live_lock:
+                _live.add(self._worker)
+            # A client dropped without shutdown() lets its sender drain and
+            # end, instead of leaving an idle thread per forgotten client.
+            weakref.finalize(self, self._worker.begin_close_soon).atexit = False
+
+    def __repr__(self) -> str:
+        state = "enabled" if self._enabled else "disabled"
+        if self._worker.closed:
+            state = "shut down"
+        return (
+            f"<Produl {self._config.api_url} key={mask_key(self._config.server_key)} {state}>"
+        )
+
+    @property
+    def config(self) -> Config:
+        """The validated, immutable configuration (its repr masks the key)."""
+        return self._config
+
+    def track_pageview(
+        self,
+        data: PageviewData | None = None,
+        /,
+        *,
+        path: str | None = None,
+        visitor_id: str | int | None = None,
+        url: str | None = None,
+        title: str | None = None,
+        referrer: str | None = None,
+        session_key: str | int | None = None,
+    ) -> None:
+        """Queue a server-side pageview.
+
+        Pass keyword arguments, or one :class:`PageviewData`.
+
+        Args:
+            data: A :class:`PageviewData`, instead of the keyword arguments.
+            path: The normalized path, starting with ``/`` (required).
+            visitor_id: A stable identifier for the visitor (required).
+            url: Full URL; defaults to ``https://server{path}``.
+            title: Page title.
+            referrer: Referrer URL.
+            session_key: Groups pageviews into a session.
+
+        Raises:
+            InvalidEventError: A required field is missing, a value has the
+                wrong type or is too long (unless ``raise_on_invalid=False``).
+                Nothing is queued.
+        """
+        if data is not None:
+            if not isinstance(data, PageviewData):
+                self._refuse(
+                    InvalidEventError(
+                        "data", f"must be a PageviewData, not {type(data).__name__}"
+                    ),
+                    {"data": repr(data)[:200]},
+                )
+                return
+            path, visitor_id, url = data.path, data.visitor_id, data.url
+            title, referrer, session_key = data.title, data.referrer, data.session_key
+        try:
+            body = encode_pageview(path, visitor_id, url, title, referrer, session_key)
+        except InvalidEventError as exc:
+            self._refuse(exc, {"t": "pv", "p": path, "vi": visitor_id})
+            return
+        if self._enabled:
+            self._worker.put(body)
+
+    def track_event(
+        self,
+        name: str,
+        properties: dict[str, Any] | None = None,
+        *,
+        visitor_id: str | int | None = None,
+        path: str | None = None,
+        url: str | None = None,
+        session_key: str | int | None = None,
+    ) -> None:
+        """Queue a custom event.
+
+        Args:
+            name: The event name, 1 to 200 characters.
+            properties: A JSON-compatible dict. ``datetime``, ``date``,
+                ``Decimal``, ``UUID``, ``Enum`` and tuples are converted;
+                the dict is copied, so later changes to it are not sent.
+            visitor_id: A stable identifier for the visitor (recommended).
+            path: The path the event happened on, starting with ``/``.
+            url: Full URL; defaults to ``https://server{path}`` when a path
+                is given.
+            session_key: Groups events into a session.
+
+        Raises:
+            InvalidEventError: The name is missing, a value has the wrong
+                type, cannot be JSON or is too long; the message names the
+                argument or key path (unless ``raise_on_invalid=False``).
+                Nothing is queued.
+        """
+        try:
+            body = encode_event(name, properties, visitor_id, path, url, session_key)
+        except InvalidEventError as exc:
+            self._refuse(exc, {"t": "ev", "n": name, "vi": visitor_id})
+            return
+        if self._enabled:
+            self._worker.put(body)
+
+    def _refuse(self, error: InvalidEventError, call: dict[str, Any]) -> None:
+        if self._raise:
+            raise error
+        self._worker.drop_invalid(error, call)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send every queued event now and wait until done or *timeout*.
+
+        Args:
+            timeout: Seconds to wait at most; ``None`` waits until done.
+
+        Returns:
+            True when every event queued before the call was delivered or
+            definitively handled (a refused event is dropped and reported);
+            False when the timeout ran out first.
+        """
+        return self._worker.flush(timeout)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Deliver what is queued (within *timeout*), then stop the sender.
+
+        Idempotent. Events tracked afterwards are dropped and reported.
+        Events still undelivered at the deadline are counted as dropped
+        (``shutdown``) and logged.
+
+        Args:
+            timeout: Seconds to spend at most; default ``shutdown_timeout``.
+        """
+        with _live_lock:
+            _live.discard(self._worker)
+        self._worker.close(timeout)
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the delivery counters: see :class:`Stats`."""
+        return self._worker.stats()
+
+    def __enter__(self) -> Produl:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+
+def _flush_at_exit() -> None:
+    """Give every live client one shared budget to deliver what is left."""
+    with _live_lock:
+        workers = list(_live)
+        _live.clear()
+    if not workers:
+        return
+    # One budget for the whole process, not one per client: the largest
+    # configured shutdown_timeout, started once.
+    deadline = time.monotonic() + max(w._config.shutdown_timeout for w in workers)
+    for worker in workers:
+        worker.begin_close(deadline)
+    for worker in workers:
+        worker.wait_closed()
+
+
+def _after_fork_in_child() -> None:
+    global _live_lock
+    # The parent's threads may have held the lock at fork time.
+    _live_lock = threading.Lock()
+    for worker in list(_live):
+        worker.after_fork_in_child()
+
+
+atexit.register(_flush_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,307 @@
+"""Validation and encoding of one pageview or event: pure, no I/O.
+
+Runs on the caller's thread, so it is written for speed: exact type checks
+first, slow conversions only when a value needs one, and key paths for error
+messages built only when there is an error to report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+import json
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ._protocol import (
+    EVENT,
+    MAX_BODY,
+    MAX_ID,
+    MAX_NAME,
+    MAX_PATH,
+    MAX_TITLE,
+    MAX_URL,
+    PAGEVIEW,
+    default_url,
+)
+from .exceptions import InvalidEventError, InvalidEventTypeError
+
+log = logging.getLogger("produl_server")
+
+# One encoder, built once: json.dumps() with keyword arguments builds a new
+# encoder per call. The snapshot below has no cycles, so skip that check.
+_encode = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
+).encode
+
+_MAX_DEPTH = 64
+
+
+@attrs.frozen(kw_only=True)
+class PageviewData:
+    """A server-side pageview, the shape the Node SDK's ``PageviewData`` has.
+
+    Pass it to :meth:`Produl.track_pageview` instead of keyword arguments.
+
+    Args:
+        path: Normalized path, e.g. ``/pricing`` (required).
+        visitor_id: Stable identifier for the visitor (required).
+        url: Full URL; defaults to ``https://server{path}``.
+        title: Page title.
+        referrer: Referrer URL.
+        session_key: Groups pageviews into a session.
+    """
+
+    path: str
+    visitor_id: str | int | uuid.UUID
+    url: str | None = None
+    title: str | None = None
+    referrer: str | None = None
+    session_key: str | int | uuid.UUID | None = None
+
+
+class _PathError(Exception):
+    """Raised deep inside properties; collects the key path while unwinding."""
+
+    def __init__(self, message: str, *, type_error: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.type_error = type_error
+        self.segments: list[str] = []
+
+    def to_invalid(self) -> InvalidEventError:
+        where = "properties" + "".join(reversed(self.segments))
+        cls = InvalidEventTypeError if self.type_error else InvalidEventError
+        return cls(where, self.message)
+
+
+def _string(field: str, value: object, low: int, high: int) -> str:
+    if type(value) is not str:
+        if not isinstance(value, str):
+            raise InvalidEventTypeError(field, f"must be a str, not {type(value).__name__}")
+        value = str.__str__(value)
+    if not low <= len(value) <= high:
+        if not value and low:
+            raise InvalidEventError(field, "must not be empty")
+        raise InvalidEventError(field, f"must be at most {high} characters, not {len(value)}")
+    return value
+
+
+def _ident(field: str, value: object) -> str:
+    """A visitor id or session key: a str, or an int / UUID made into one."""
+    if type(value) is str:
+        if 0 < len(value) <= MAX_ID:
+            return value
+        return _string(field, value, 1, MAX_ID)
+    if isinstance(value, int | uuid.UUID) and not isinstance(value, bool):
+        return _string(field, str(value), 1, MAX_ID)
+    return _string(field, value, 1, MAX_ID)
+
+
+def _path(value: object) -> str:
+    path = _string("path", value, 1, MAX_PATH)
+    if path[0] != "/":
+        raise InvalidEventError("path", f"must start with '/', got {path[:40]!r}")
+    return path
+
+
+def _clean(value: Any, depth: int, active: set[int]) -> Any:
+    """Snapshot one property value into plain JSON types, or raise _PathError."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        if value - value == 0.0:  # false for NaN and the infinities
+            return value
+        raise _PathError(f"{value!r} is not a finite number", type_error=False)
+    if kind is dict or kind is list or kind is tuple or isinstance(value, Mapping | list | tuple):
+        if depth >= _MAX_DEPTH:
+            raise _PathError(f"nested more than {_MAX_DEPTH} levels deep", type_error=False)
+        marker = id(value)
+        if marker in active:
+            raise _PathError("refers back to itself (a cycle)", type_error=False)
+        active.add(marker)
+        try:
+            if isinstance(value, Mapping):
+                return _clean_mapping(value, depth + 1, active)
+            return _clean_sequence(value, depth + 1, active)
+        finally:
+            active.discard(marker)
+    return _convert(value)
+
+
+def _clean_mapping(value: Mapping[Any, Any], depth: int, active: set[int]) -> dict[str, Any]:
+    out = {}
+    for key, item in value.items():
+        if type(key) is not str:
+            error = _PathError(
+                f"keys must be str, not {type(key).__name__} ({key!r})", type_error=True
+            )
+            error.segments.append(f"[{key!r}]")
+            raise error from None
+        try:
+            out[key] = _clean(item, depth, active)
+        except _PathError as error:
+            error.segments.append(f"[{json.dumps(key, ensure_ascii=False)}]")
+            raise
+    return out
+
+
+def _clean_sequence(value: list[Any] | tuple[Any, ...], depth: int, active: set[int]) -> list[Any]:
+    out = []
+    for index, item in enumerate(value):
+        try:
+            out.append(_clean(item, depth, active))
+        except _PathError as error:
+            error.segments.append(f"[{index}]")
+            raise
+    return out
+
+
+def _convert(value: Any) -> Any:
+    """The slow path: the conversions PROTOCOL.md allows, else an error."""
+    if isinstance(value, enum.Enum):
+        return _clean(value.value, 0, set())
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return _clean(float(value), 0, set())
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, decimal.Decimal):
+        return _decimal(value)
+    raise _PathError(
+        f"{type(value).__name__} cannot be sent as JSON; convert it to str, int, float, "
+        "bool, None, a list or a dict",
+        type_error=True,
+    )
+
+
+def _decimal(value: decimal.Decimal) -> int | float | str:
+    if not value.is_finite():
+        raise _PathError(f"Decimal {value} is not a finite number", type_error=False)
+    if value == value.to_integral_value():
+        return int(value)
+    as_float = float(value)
+    # Exact when the float converts back to the same Decimal; else keep
+    # every digit as a string rather than round money silently.
+    return as_float if decimal.Decimal(as_float) == value else str(value)
+
+
+def _properties(value: object) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidEventTypeError(
+            "properties", f"must be a dict with str keys, not {type(value).__name__}"
+        )
+    try:
+        return _clean_mapping(value, 1, {id(value)})
+    except _PathError as error:
+        raise error.to_invalid() from None
+    except RecursionError:
+        raise InvalidEventError("properties", "nested too deeply") from None
+
+
+def _finish(wire: dict[str, Any]) -> bytes:
+    body = _encode(wire).encode()
+    if len(body) > MAX_BODY:
+        biggest = max(wire, key=lambda key: len(_encode(wire[key])))
+        raise InvalidEventError(
+            "event",
+            f"encodes to {len(body)} bytes, over the {MAX_BODY}-byte limit of one request "
+            f"(largest field: {biggest!r})",
+        )
+    return body
+
+
+class _Once:
+    """Log a warning the first time something happens in a process."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            log.warning(self.message)
+
+
+warn_no_visitor = _Once(
+    "track_event() was called without visitor_id: the event is kept but tied to "
+    "no visitor; pass visitor_id=... (logged once per process)"
+)
+
+
+def encode_event(
+    name: object,
+    properties: object,
+    visitor_id: object,
+    path: object,
+    url: object,
+    session_key: object,
+) -> bytes:
+    """Validate a custom event and encode it as one request body.
+
+    Raises:
+        InvalidEventError: Naming the argument or key path and the rule broken.
+    """
+    if type(name) is str and 0 < len(name) <= MAX_NAME:
+        wire: dict[str, Any] = {"t": EVENT, "n": name}
+    else:
+        wire = {"t": EVENT, "n": _string("name", name, 1, MAX_NAME)}
+    if path is not None:
+        wire["p"] = _path(path)
+        wire["u"] = default_url(wire["p"]) if url is None else _string("url", url, 0, MAX_URL)
+    elif url is not None:
+        wire["u"] = _string("url", url, 0, MAX_URL)
+    if visitor_id is not None:
+        wire["vi"] = _ident("visitor_id", visitor_id)
+    else:
+        warn_no_visitor()
+    if session_key is not None:
+        wire["sk"] = _ident("session_key", session_key)
+    if properties is not None:
+        wire["pr"] = _properties(properties)
+    return _finish(wire)
+
+
+def encode_pageview(
+    path: object,
+    visitor_id: object,
+    url: object,
+    title: object,
+    referrer: object,
+    session_key: object,
+) -> bytes:
+    """Validate a pageview and encode it as one request body.
+
+    Raises:
+        InvalidEventError: Naming the argument and the rule broken.
+    """
+    if path is None:
+        raise InvalidEventError("path", "is required for a pageview, e.g. path='/pricing'")
+    if visitor_id is None:
+        raise InvalidEventError("visitor_id", "is required for a pageview")
+    clean_path = _path(path)
+    wire: dict[str, Any] = {
+        "t": PAGEVIEW,
+        "p": clean_path,
+        "u": default_url(clean_path) if url is None else _string("url", url, 0, MAX_URL),
+        "vi": _ident("visitor_id", visitor_id),
+    }
+    if session_key is not None:
+        wire["sk"] = _ident("session_key", session_key)
+    if title is not None:
+        wire["ti"] = _string("title", title, 0, MAX_TITLE)
+    if referrer is not None:
+        wire["r"] = _string("referrer", referrer, 0, MAX_URL)
+    return _finish(wire)

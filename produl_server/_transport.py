@@ -1,0 +1,193 @@
+"""One POST per event over a kept-alive connection, and what each answer means.
+
+The transport never sleeps and never retries on its own (urllib3's ``Retry``
+backoff could outlive a ``flush()`` deadline); it reports an :class:`Outcome`
+and the worker owns the schedule.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import platform
+import time
+from typing import Any
+
+import attrs
+import requests.utils
+import urllib3
+from urllib3.util import parse_url
+
+from ._config import Config
+from ._protocol import COLLECT_PATH, KEY_HEADER
+from ._version import __version__
+
+log = logging.getLogger("produl_server")
+
+USER_AGENT = (
+    f"produl-server-python/{__version__} "
+    f"(python {platform.python_version()}; {platform.system().lower() or 'unknown'})"
+)
+
+
+class Verdict(enum.Enum):
+    """What the worker does with an event after one attempt."""
+
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    DROP = "drop"
+
+
+@attrs.frozen
+class Outcome:
+    """The result of one attempt to deliver one event."""
+
+    verdict: Verdict
+    status: int | None = None
+    #: Seconds the collector asked us to wait (429 ``Retry-After``).
+    retry_after: float | None = None
+    #: Stable drop/retry reason: ``rejected``, ``unauthorized``, ``rate_limited``,
+    #: ``server_error``, ``network``.
+    reason: str = ""
+    detail: str = ""
+
+
+def classify(status: int, body: bytes, retry_after: str | None) -> Outcome:
+    """Map one HTTP answer to what PROTOCOL.md says to do with it.
+
+    Args:
+        status: The HTTP status code.
+        body: The response body (a JSON error body on 4xx, if any).
+        retry_after: The ``Retry-After`` header, if present.
+    """
+    if 200 <= status < 300:
+        return Outcome(Verdict.DELIVERED, status)
+    if status == 429:
+        return Outcome(
+            Verdict.RETRY, status, _parse_retry_after(retry_after), "rate_limited", "429"
+        )
+    if status == 408 or status >= 500:
+        return Outcome(Verdict.RETRY, status, None, "server_error", f"HTTP {status}")
+    reason = "unauthorized" if status in (401, 403) else "rejected"
+    return Outcome(Verdict.DROP, status, None, reason, _error_message(status, body))
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        # An HTTP date is allowed too; treat it as "some time later".
+        return None
+    return min(max(seconds, 0.0), 3600.0) if seconds == seconds else None
+
+
+def _error_message(status: int, body: bytes) -> str:
+    try:
+        data = json.loads(body)
+        message = f"{data['message']} (field: {data.get('field', '-')})"
+    except (ValueError, TypeError, KeyError):
+        message = body[:200].decode("utf-8", "replace") or "no body"
+    return f"HTTP {status}: {message}"
+
+
+class Transport:
+    """Delivers request bodies to ``{api_url}/api/collect``.
+
+    Args:
+        config: The client's configuration.
+    """
+
+    def __init__(self, config: Config) -> None:
+        url = parse_url(config.api_url)
+        self._path = (url.path or "").rstrip("/") + COLLECT_PATH
+        self._headers = {
+            KEY_HEADER: config.server_key,
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+        self._timeout = config.request_timeout
+        self._display = f"{url.scheme}://{url.netloc}{self._path}"
+        base = f"{url.scheme}://{url.netloc}"
+        proxy = config.proxy or requests.utils.get_environ_proxies(base).get(url.scheme)
+        tls: dict[str, Any] = {}
+        if url.scheme == "https":
+            if config.verify is False:
+                tls["cert_reqs"] = "CERT_NONE"
+            else:
+                tls["cert_reqs"] = "CERT_REQUIRED"
+                if isinstance(config.verify, str):
+                    tls["ca_certs"] = config.verify
+        manager: urllib3.PoolManager
+        if proxy:
+            manager = urllib3.ProxyManager(proxy, num_pools=1, maxsize=1, **tls)
+        else:
+            manager = urllib3.PoolManager(num_pools=1, maxsize=1, **tls)
+        self._manager = manager
+        self._pool = manager.connection_from_url(base)
+
+    def __repr__(self) -> str:
+        return f"<Transport {self._display}>"
+
+    def send(self, body: bytes, timeout: float | None = None) -> Outcome:
+        """POST one event and classify the answer; never raises for network trouble.
+
+        Args:
+            body: The encoded event.
+            timeout: Seconds for connect and for read; the configured
+                ``request_timeout`` when ``None``.
+        """
+        seconds = self._timeout if timeout is None else max(min(timeout, self._timeout), 0.001)
+        started = time.perf_counter()
+        try:
+            response = self._pool.urlopen(
+                "POST",
+                self._path,
+                body=body,
+                headers=self._headers,
+                retries=False,
+                redirect=False,
+                timeout=urllib3.Timeout(connect=seconds, read=seconds),
+                assert_same_host=False,
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            detail = f"{type(exc).__name__}: {_describe(exc)}"
+            log.debug("POST %s failed after %.1f ms: %s", self._display, _ms(started), detail)
+            return Outcome(Verdict.RETRY, None, None, "network", detail)
+        outcome = classify(response.status, response.data, response.headers.get("Retry-After"))
+        log.debug(
+            "POST %s -> %d in %.1f ms (%s)",
+            self._display,
+            response.status,
+            _ms(started),
+            outcome.verdict.value,
+        )
+        return outcome
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._manager.clear()
+
+    def abandon(self) -> None:
+        """Forget the connections inherited over ``fork()`` without taking any lock.
+
+        The parent's sender may have held the pool's lock at fork time, so the
+        child must not call :meth:`close`; it closes its copies of the sockets
+        (the parent's stay open) and starts afresh.
+        """
+        idle = getattr(self._pool.pool, "queue", None) or []
+        for connection in list(idle):
+            if connection is not None:
+                connection.close()
+
+
+def _describe(exc: BaseException) -> str:
+    # urllib3 messages can embed the pool repr; keep it short and key-free.
+    text = str(exc.args[-1] if exc.args else exc)
+    return text[:200]
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
