@@ -20,3 +20,28 @@ if IMPORTED == CHECKOUT and os.environ.get("PRODUL_TEST_ALLOW_CHECKOUT") != "1":
     )
 
 pytest_plugins = ["produl_server.pytest_plugin"]
+
+
+import pytest  # noqa: E402
+
+from produl_server import Produl  # noqa: E402
+
+
+@pytest.fixture(name="make_client")
+def _make_client(produl_collector):
+    """Build clients wired to the collector; shut them all down afterwards."""
+    made: list[Produl] = []
+
+    def make(**options):
+        options.setdefault("server_key", produl_collector.server_key)
+        options.setdefault("api_url", produl_collector.url)
+        options.setdefault("max_requests_per_minute", None)
+        options.setdefault("retry_initial_delay", 0.02)
+        options.setdefault("retry_max_delay", 0.1)
+        client = Produl(**options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.shutdown(timeout=2.0)

@@ -1,0 +1,52 @@
+"""Pin the public surface, so that changing it is a decision, not an accident."""
+
+from __future__ import annotations
+
+import logging
+
+import produl_server
+import produl_server.exceptions as exc
+
+
+def test_exported_names():
+    assert produl_server.__all__ == [
+        "Config",
+        "ConfigurationError",
+        "DeliveryError",
+        "InvalidEventError",
+        "InvalidEventTypeError",
+        "PageviewData",
+        "Produl",
+        "ProdulError",
+        "Stats",
+        "__version__",
+    ]
+    for name in produl_server.__all__:
+        assert getattr(produl_server, name) is not None
+
+
+def test_exception_tree():
+    assert issubclass(exc.ConfigurationError, exc.ProdulError)
+    assert issubclass(exc.ConfigurationError, ValueError)
+    assert issubclass(exc.InvalidEventError, exc.ProdulError)
+    assert issubclass(exc.InvalidEventError, ValueError)
+    assert issubclass(exc.InvalidEventTypeError, exc.InvalidEventError)
+    assert issubclass(exc.InvalidEventTypeError, TypeError)
+    assert issubclass(exc.DeliveryError, exc.ProdulError)
+    assert not issubclass(exc.DeliveryError, ValueError)
+
+
+def test_library_logging_is_only_a_null_handler():
+    logger = logging.getLogger("produl_server")
+    assert [type(h) for h in logger.handlers] == [logging.NullHandler]
+    assert logger.level == logging.NOTSET
+
+
+def test_version_matches_the_installed_metadata():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("produl-server")
+    except PackageNotFoundError:  # pragma: no cover - only in a bare checkout run
+        installed = produl_server.__version__
+    assert installed == produl_server.__version__
