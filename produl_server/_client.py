@@ -11,6 +11,7 @@ import atexit
 import os
 import threading
 import time
+import uuid
 import weakref
 from types import TracebackType
 from typing import Any
@@ -126,9 +127,7 @@ class Produl:
         state = "enabled" if self._enabled else "disabled"
         if self._worker.closed:
             state = "shut down"
-        return (
-            f"<Produl {self._config.api_url} key={mask_key(self._config.server_key)} {state}>"
-        )
+        return f"<Produl {self._config.api_url} key={mask_key(self._config.server_key)} {state}>"
 
     @property
     def config(self) -> Config:
@@ -141,11 +140,11 @@ class Produl:
         /,
         *,
         path: str | None = None,
-        visitor_id: str | int | None = None,
+        visitor_id: str | int | uuid.UUID | None = None,
         url: str | None = None,
         title: str | None = None,
         referrer: str | None = None,
-        session_key: str | int | None = None,
+        session_key: str | int | uuid.UUID | None = None,
     ) -> None:
         """Queue a server-side pageview.
 
@@ -166,11 +165,10 @@ class Produl:
                 Nothing is queued.
         """
         if data is not None:
-            if not isinstance(data, PageviewData):
+            given: object = data  # typed callers cannot get this wrong; others can
+            if not isinstance(given, PageviewData):
                 self._refuse(
-                    InvalidEventError(
-                        "data", f"must be a PageviewData, not {type(data).__name__}"
-                    ),
+                    InvalidEventError("data", f"must be a PageviewData, not {type(data).__name__}"),
                     {"data": repr(data)[:200]},
                 )
                 return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import platform
 import time
 from typing import Any
@@ -81,7 +82,7 @@ def _parse_retry_after(value: str | None) -> float | None:
     except ValueError:
         # An HTTP date is allowed too; treat it as "some time later".
         return None
-    return min(max(seconds, 0.0), 3600.0) if seconds == seconds else None
+    return min(max(seconds, 0.0), 3600.0) if math.isfinite(seconds) else None
 
 
 def _error_message(status: int, body: bytes) -> str:
@@ -111,7 +112,7 @@ class Transport:
         self._timeout = config.request_timeout
         self._display = f"{url.scheme}://{url.netloc}{self._path}"
         base = f"{url.scheme}://{url.netloc}"
-        proxy = config.proxy or requests.utils.get_environ_proxies(base).get(url.scheme)
+        proxy = config.proxy or requests.utils.get_environ_proxies(base).get(url.scheme or "https")
         tls: dict[str, Any] = {}
         if url.scheme == "https":
             if config.verify is False:

@@ -381,9 +381,9 @@ class Worker:
             item = self._pending[0]
             timeout = None if deadline is None else deadline - now
             outcome = self._transport.send(item.body, timeout)
-            pause = self._settle(item, outcome)
-            if pause is not None:
-                return pause
+            backoff = self._settle(item, outcome)
+            if backoff is not None:
+                return backoff
         self._complete_flushes()
         return 0.0
 
@@ -430,9 +430,7 @@ class Worker:
         with self._lock:
             self._retried += 1
         self._not_before = now + pause
-        log.info(
-            "produl_server: delivery failed (%s); retrying in %.2f s", outcome.detail, pause
-        )
+        log.info("produl_server: delivery failed (%s); retrying in %.2f s", outcome.detail, pause)
         return pause
 
     def _finish_item(self, *, sent: bool) -> None:

@@ -88,8 +88,15 @@ def test_plain_http_to_a_remote_host_warns_but_loopback_does_not(caplog):
 
 @pytest.mark.parametrize(
     ("host", "expected"),
-    [("127.0.0.1", True), ("127.9.9.9", True), ("[::1]", True), ("localhost", True),
-     ("a.localhost", True), ("10.0.0.1", False), ("example.com", False)],
+    [
+        ("127.0.0.1", True),
+        ("127.9.9.9", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("a.localhost", True),
+        ("10.0.0.1", False),
+        ("example.com", False),
+    ],
 )
 def test_is_loopback(host, expected):
     assert is_loopback(host) is expected

@@ -26,7 +26,9 @@ def test_wire_format_headers_and_one_kept_alive_connection(produl_collector, mak
         session_key="cus_abc123-session",
     )
     produl.track_pageview(path="/pricing", visitor_id="cus_abc123", title="Pricing")
-    produl.track_pageview(PageviewData(path="/docs", visitor_id="cus_abc123", referrer="https://r/"))
+    produl.track_pageview(
+        PageviewData(path="/docs", visitor_id="cus_abc123", referrer="https://r/")
+    )
     assert produl.flush(timeout=10)
 
     requests = produl_collector.requests
@@ -49,7 +51,11 @@ def test_wire_format_headers_and_one_kept_alive_connection(produl_collector, mak
         "pr": {"amount_cents": 4900, "currency": "usd"},
     }
     assert produl_collector.events[1] == {
-        "t": "pv", "p": "/pricing", "u": "https://server/pricing", "vi": "cus_abc123", "ti": "Pricing",
+        "t": "pv",
+        "p": "/pricing",
+        "u": "https://server/pricing",
+        "vi": "cus_abc123",
+        "ti": "Pricing",
     }
     assert produl_collector.events[2]["r"] == "https://r/"
 
@@ -170,8 +176,14 @@ def test_dropped_connections_are_retried(produl_collector, make_client):
 
 @pytest.mark.parametrize(
     ("status", "reason"),
-    [(400, "rejected"), (413, "rejected"), (422, "rejected"), (404, "rejected"),
-     (401, "unauthorized"), (403, "unauthorized")],
+    [
+        (400, "rejected"),
+        (413, "rejected"),
+        (422, "rejected"),
+        (404, "rejected"),
+        (401, "unauthorized"),
+        (403, "unauthorized"),
+    ],
 )
 def test_refused_events_are_dropped_reported_and_do_not_block_the_rest(
     produl_collector, make_client, caplog, status, reason
@@ -186,7 +198,7 @@ def test_refused_events_are_dropped_reported_and_do_not_block_the_rest(
     assert [e["pr"]["i"] for e in produl_collector.events] == [1, 2]
     assert len(produl_collector.requests) == 3  # never retried
     assert produl.stats.dropped == {reason: 1}
-    (error, event), = reported
+    ((error, event),) = reported
     assert isinstance(error, DeliveryError)
     assert (error.reason, error.status) == (reason, status)
     assert event["pr"] == {"i": 0}
@@ -246,7 +258,9 @@ def test_the_pacer_keeps_under_the_quota(produl_collector, make_client):
     assert 429 not in [r.status for r in produl_collector.requests]
 
 
-def test_the_sender_survives_a_raising_hook_and_internal_errors(produl_collector, make_client, caplog):
+def test_the_sender_survives_a_raising_hook_and_internal_errors(
+    produl_collector, make_client, caplog
+):
     def hook(error, event):
         raise RuntimeError("hook bug")
 
@@ -304,7 +318,10 @@ def test_a_full_queue_drops_without_blocking_and_warns_once(produl_collector, ma
     reported = []
     produl_collector.hang()
     produl = make_client(
-        max_queue_size=5, flush_at=1000, flush_interval=600, on_error=lambda e, ev: reported.append(e)
+        max_queue_size=5,
+        flush_at=1000,
+        flush_interval=600,
+        on_error=lambda e, ev: reported.append(e),
     )
     try:
         with caplog.at_level(logging.WARNING, logger="produl_server"):

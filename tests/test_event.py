@@ -153,7 +153,9 @@ def test_shared_but_acyclic_values_are_fine():
 
 
 def test_conversions():
-    aware = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone(datetime.timedelta(hours=2)))
+    aware = datetime.datetime(
+        2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone(datetime.timedelta(hours=2))
+    )
     props = {
         "at": aware,
         "naive": datetime.datetime(2026, 1, 2, 3, 4, 5),

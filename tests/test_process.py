@@ -23,18 +23,24 @@ fork_warning = pytest.mark.filterwarnings(
 )
 
 
-def run_script(body: str, url: str, key: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float]:
+def run_script(
+    body: str, url: str, key: str, timeout: float = 60
+) -> tuple[subprocess.CompletedProcess[str], float]:
     script = textwrap.dedent(
         """
         import logging, sys
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
         from produl_server import Produl
         """
     ) + textwrap.dedent(body)
     env = dict(os.environ, PRODUL_API_URL=url, PRODUL_SERVER_KEY=key)
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         check=False,
     )
     return result, time.monotonic() - started
@@ -128,8 +134,10 @@ def test_one_exit_budget_for_all_clients(hung_collector):
 @fork_warning
 def test_fork_child_gets_its_own_sender_and_starts_empty(produl_collector):
     produl = Produl(
-        server_key=produl_collector.server_key, api_url=produl_collector.url,
-        flush_interval=600, max_requests_per_minute=None,
+        server_key=produl_collector.server_key,
+        api_url=produl_collector.url,
+        flush_interval=600,
+        max_requests_per_minute=None,
     )
     try:
         produl.track_event("parent", {"i": 1}, visitor_id="p")
@@ -160,7 +168,8 @@ def test_fork_child_gets_its_own_sender_and_starts_empty(produl_collector):
 def test_fork_while_the_sender_is_mid_request_does_not_deadlock(produl_collector):
     produl_collector.latency = 0.3
     produl = Produl(
-        server_key=produl_collector.server_key, api_url=produl_collector.url,
+        server_key=produl_collector.server_key,
+        api_url=produl_collector.url,
         max_requests_per_minute=None,
     )
     try:
@@ -201,8 +210,10 @@ _INHERITED: Produl | None = None
 def test_multiprocessing_fork_pool_delivers_each_event_once(produl_collector):
     global _INHERITED
     _INHERITED = Produl(
-        server_key=produl_collector.server_key, api_url=produl_collector.url,
-        flush_interval=600, max_requests_per_minute=None,
+        server_key=produl_collector.server_key,
+        api_url=produl_collector.url,
+        flush_interval=600,
+        max_requests_per_minute=None,
     )
     try:
         _INHERITED.track_event("before_fork", visitor_id="p")

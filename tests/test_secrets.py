@@ -33,7 +33,10 @@ def test_the_key_is_in_no_log_line_repr_or_exception(produl_collector, make_clie
         good.track_event("e", visitor_id="v")
         assert good.flush(timeout=10)
         dead = make_client(
-            server_key=KEY, api_url=f"http://127.0.0.1:{dead_port}", max_retry_time=0.1, on_error=hook
+            server_key=KEY,
+            api_url=f"http://127.0.0.1:{dead_port}",
+            max_retry_time=0.1,
+            on_error=hook,
         )
         dead.track_event("e", visitor_id="v")
         assert dead.flush(timeout=10)
