@@ -56,6 +56,9 @@ class Produl:
         max_requests_per_minute: The client-side pace; ``None`` turns it off.
         max_retry_time: Seconds an event may keep failing (429, 5xx,
             network) before it is given up and reported.
+        max_in_flight: Requests sent at once, each on its own kept-alive
+            connection (1 to 32). Two events of one visitor are never in
+            flight together, so each visitor's events arrive in order.
         retry_initial_delay: The first backoff ceiling, doubled per failure.
         retry_max_delay: The largest backoff between two attempts.
         raise_on_invalid: ``False`` turns :class:`InvalidEventError` into a
@@ -86,6 +89,7 @@ class Produl:
         request_timeout: float = 10.0,
         max_requests_per_minute: int | None = 2000,
         max_retry_time: float = 600.0,
+        max_in_flight: int = 4,
         retry_initial_delay: float = 0.5,
         retry_max_delay: float = 30.0,
         raise_on_invalid: bool = True,
@@ -106,6 +110,7 @@ class Produl:
             request_timeout=request_timeout,
             max_requests_per_minute=max_requests_per_minute,
             max_retry_time=max_retry_time,
+            max_in_flight=max_in_flight,
             retry_initial_delay=retry_initial_delay,
             retry_max_delay=retry_max_delay,
             raise_on_invalid=raise_on_invalid,

@@ -145,6 +145,7 @@ class Config:
     request_timeout: float = attrs.field(default=10.0, validator=_check_number())
     max_requests_per_minute: int | None = attrs.field(default=2000, validator=_check_rpm)
     max_retry_time: float = attrs.field(default=600.0, validator=_check_number(allow_zero=True))
+    max_in_flight: int = attrs.field(default=4, validator=_check_int)
     retry_initial_delay: float = attrs.field(default=0.5, validator=_check_number())
     retry_max_delay: float = attrs.field(default=30.0, validator=_check_number())
     raise_on_invalid: bool = attrs.field(default=True, validator=_check_bool)
@@ -153,6 +154,8 @@ class Config:
     verify: bool | str = attrs.field(default=True, validator=_check_verify)
 
     def __attrs_post_init__(self) -> None:
+        if self.max_in_flight > 32:
+            raise ConfigurationError(f"max_in_flight must be 1 to 32, not {self.max_in_flight}")
         if self.retry_max_delay < self.retry_initial_delay:
             raise ConfigurationError("retry_max_delay must be >= retry_initial_delay")
         url = parse_url(self.api_url)

@@ -123,9 +123,9 @@ class Transport:
                     tls["ca_certs"] = config.verify
         manager: urllib3.PoolManager
         if proxy:
-            manager = urllib3.ProxyManager(proxy, num_pools=1, maxsize=1, **tls)
+            manager = urllib3.ProxyManager(proxy, num_pools=1, maxsize=config.max_in_flight, **tls)
         else:
-            manager = urllib3.PoolManager(num_pools=1, maxsize=1, **tls)
+            manager = urllib3.PoolManager(num_pools=1, maxsize=config.max_in_flight, **tls)
         self._manager = manager
         self._pool = manager.connection_from_url(base)
 

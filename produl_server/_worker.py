@@ -62,11 +62,15 @@ class Stats:
 
 
 class _Item:
-    __slots__ = ("body", "failing_since")
+    __slots__ = ("body", "failing_since", "seq", "visitor")
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, seq: int) -> None:
         self.body = body
+        #: Position in the queue, from 1: flushes wait up to a position.
+        self.seq = seq
         self.failing_since = 0.0
+        #: The visitor id, read only when several requests may be in flight.
+        self.visitor: str | None = None
 
 
 class _Pacer:
@@ -137,6 +141,10 @@ class Worker:
         self._inline = config.sync_mode
         self._transport: Transport | None = None
         self._pending: collections.deque[_Item] = collections.deque()
+        self._inflight: list[_Item] = []
+        self._lanes = 0
+        self._jobs: queue.SimpleQueue[tuple[_Item, float | None]] = queue.SimpleQueue()
+        self._done: collections.deque[tuple[_Item, Outcome]] = collections.deque()
         self._new_flushes: list[threading.Event] = []
         self._flushes: list[tuple[int, threading.Event]] = []
         self._last_enqueue = 0.0
@@ -145,6 +153,7 @@ class Worker:
         self._failures = 0
         self._deadline: float | None = None
         self._finished = False
+        self._closed_event = threading.Event()
         self._lost = 0
         self._pulled = 0
         self._handled = 0
@@ -276,11 +285,21 @@ class Worker:
             thread = threading.Thread(target=self._run, name="produl-server.sender", daemon=True)
             try:
                 thread.start()
+                # Lanes start now, on the caller's thread, never later: from
+                # 3.12 a thread cannot be started at interpreter exit.
+                lanes = self._config.max_in_flight
+                for index in range(lanes if lanes > 1 else 0):
+                    lane = threading.Thread(
+                        target=self._lane, name=f"produl-server.sender-{index}", daemon=True
+                    )
+                    lane.start()
+                    self._lanes += 1
             except RuntimeError:
                 # "can't create new thread at interpreter shutdown": a track
                 # call from an atexit handler. Send on the caller's thread.
-                self._inline = True
-                return
+                if not thread.is_alive():
+                    self._inline = True
+                    return
             self._thread = thread
 
     def _run(self) -> None:
@@ -294,6 +313,24 @@ class Worker:
                 log.exception("produl_server: unexpected error in the sender; continuing")
                 self._wake.wait(1.0)
 
+    def _lane(self) -> None:
+        """An extra connection: sends what the sender hands it, reports back."""
+        jobs = self._jobs
+        while True:
+            item, timeout = jobs.get()
+            self._done.append((item, self._attempt(item, timeout)))
+            self._wake.set()
+
+    def _attempt(self, item: _Item, timeout: float | None) -> Outcome:
+        """One POST; a bug below us becomes a retry, never a lost event."""
+        try:
+            if self._transport is None:  # pragma: no cover - created before any send
+                raise RuntimeError("no transport")
+            return self._transport.send(item.body, timeout)
+        except Exception as exc:
+            log.exception("produl_server: unexpected error in the sender; continuing")
+            return Outcome(Verdict.RETRY, None, None, "internal", f"internal error: {exc!r}")
+
     def _step(self) -> bool:
         """Do what is due; wait for the next thing. True when closed."""
         self._wake.clear()
@@ -304,12 +341,15 @@ class Worker:
             return True
         wait = self._round(now)
         if deadline is not None:
-            if now + (wait or 0.0) >= deadline:
+            if self._is_empty():
+                self._finish()
+                return True
+            if self._not_before >= deadline and not self._inflight:
                 # Waiting (a Retry-After, a backoff) would outlive the exit
                 # budget: stop now rather than hold the process for nothing.
                 self._finish()
                 return True
-            wait = 0.0 if wait is None else wait
+            wait = deadline - now if wait is None else min(wait, deadline - now)
         if wait is None or wait > 0:
             self._wake.wait(wait)
         return False
@@ -324,14 +364,14 @@ class Worker:
                     return True
                 if deadline is not None and now >= deadline:
                     return False
-                pause = self._round(now, deadline)
+                pause = self._round(now, deadline, inline=True)
                 if pause and pause > 0:
                     if not wait or (deadline is not None and now + pause >= deadline):
                         return False
                     time.sleep(pause)
 
     def _is_empty(self) -> bool:
-        return not self._pending and not self._items
+        return not self._pending and not self._items and not self._inflight
 
     def _due(self, now: float, waiting: int) -> float | None:
         """0 when a batch is due; else seconds until one is, or None for never."""
@@ -345,7 +385,9 @@ class Worker:
         )
         return max(0.0, due_at - now)
 
-    def _round(self, now: float, deadline: float | None = None) -> float | None:
+    def _round(
+        self, now: float, deadline: float | None = None, *, inline: bool = False
+    ) -> float | None:
         """Send what is due. Returns seconds until the next step, None for "until woken"."""
         waiting = self._queue.qsize()
         if self._new_flushes:
@@ -357,58 +399,99 @@ class Worker:
         if self._deadline is not None:
             self._drain_to = self._pulled + waiting
             deadline = self._deadline
-        if not self._pending and self._drain_to <= self._pulled:
+        self._settle_done()
+        if not self._pending and not self._inflight and self._drain_to <= self._pulled:
             until = self._due(now, waiting)
             if until != 0.0:
                 self._complete_flushes()
                 return until
             self._drain_to = self._pulled + waiting
-        if now < self._not_before:
-            return self._not_before - now
         if self._transport is None:
             self._transport = self._make_transport(self._config)
-        while self._pending or self._drain_to > self._pulled:
-            if not self._pending:
-                self._pull()
+        use_lanes = not inline and self._lanes > 0
+        limit = self._lanes if use_lanes else 1
+        if waiting + len(self._pending) <= self._config.flush_at:
+            # No backlog: one request at a time keeps to one kept-alive
+            # connection. More go out at once only when events pile up.
+            limit = 1
+        while True:
+            self._settle_done()
+            if len(self._pending) < 2 * limit and self._drain_to > self._pulled:
+                self._pull(keyed=use_lanes)
                 continue
+            if not self._pending:
+                break
             now = _monotonic()
+            if now < self._not_before:
+                return self._not_before - now
             if deadline is not None and now >= deadline:
                 break
+            if len(self._inflight) >= limit:
+                return None  # a lane wakes us when it is done
+            index = self._next_ready() if use_lanes else 0
+            if index is None:
+                return None  # every waiting event's visitor has one in flight
             pause = self._pacer.take(now)
             if pause:
                 self._not_before = now + pause
                 return pause
-            item = self._pending[0]
+            item = self._pending[index]
+            del self._pending[index]
             timeout = None if deadline is None else deadline - now
-            outcome = self._transport.send(item.body, timeout)
-            backoff = self._settle(item, outcome)
-            if backoff is not None:
-                return backoff
+            self._inflight.append(item)
+            if not use_lanes:
+                self._settle(item, self._attempt(item, timeout))
+            else:
+                self._jobs.put((item, timeout))
         self._complete_flushes()
-        return 0.0
+        return None if self._inflight else 0.0
 
-    def _pull(self) -> None:
-        try:
-            body = self._queue.get_nowait()
-        except queue.Empty:  # pragma: no cover - drain_to never exceeds what is queued
-            self._drain_to = self._pulled
-            return
-        with self._lock:
+    def _pull(self, *, keyed: bool) -> None:
+        with self._lock:  # so that an event is always counted somewhere
+            try:
+                body = self._queue.get_nowait()
+            except queue.Empty:  # pragma: no cover - drain_to never exceeds what is queued
+                self._drain_to = self._pulled
+                return
             self._pulled += 1
-        self._pending.append(_Item(body))
+            item = _Item(body, self._pulled)
+            self._pending.append(item)
+        if keyed:
+            item.visitor = json.loads(body).get("vi")
 
-    def _settle(self, item: _Item, outcome: Outcome) -> float | None:
-        """Account for one attempt. Returns a pause when the pipe must wait."""
+    def _next_ready(self) -> int | None:
+        """The first waiting event that may go now without overtaking its visitor.
+
+        Several requests in flight can arrive in any order, so two events of
+        one visitor are never in flight together: per-visitor order holds.
+        """
+        busy = {item.visitor for item in self._inflight}
+        for index, item in enumerate(self._pending):
+            if item.visitor is None or item.visitor not in busy:
+                return index
+        return None
+
+    def _settle_done(self) -> None:
+        done = self._done
+        while done:
+            item, outcome = done.popleft()
+            self._settle(item, outcome)
+
+    def _settle(self, item: _Item, outcome: Outcome) -> None:
+        """Account for one attempt; a failure pauses the whole pipe."""
+        if self._finished:
+            return  # reported as undelivered already
+        self._inflight.remove(item)
         if outcome.verdict is Verdict.DELIVERED:
             self._failures = 0
             self._finish_item(sent=True)
-            return None
+            return
         if outcome.verdict is Verdict.DROP:
             # The event itself is bad (or the key is): never retry it, and
             # never let it hold up the events behind it.
             self._finish_item(sent=False)
             self._report(item.body, outcome.reason, outcome.detail, outcome.status)
-            return None
+            return
         now = _monotonic()
         if not item.failing_since:
             item.failing_since = now
@@ -420,7 +503,7 @@ class Worker:
                 f"gave up after {now - item.failing_since:.0f} s of failures ({outcome.detail})",
                 outcome.status,
             )
-            return None
+            return
         self._failures += 1
         if outcome.retry_after is not None:
             pause = outcome.retry_after
@@ -429,12 +512,15 @@ class Worker:
             pause = random.uniform(0.0, min(self._config.retry_max_delay, ceiling))
         with self._lock:
             self._retried += 1
-        self._not_before = now + pause
+            # Back in front of everything not yet sent, in queue order.
+            position = 0
+            while position < len(self._pending) and self._pending[position].seq < item.seq:
+                position += 1
+            self._pending.insert(position, item)
+        self._not_before = max(self._not_before, now + pause)
         log.info("produl_server: delivery failed (%s); retrying in %.2f s", outcome.detail, pause)
-        return pause
 
     def _finish_item(self, *, sent: bool) -> None:
-        self._pending.popleft()
         with self._lock:
             self._handled += 1
             if sent:
@@ -442,10 +528,15 @@ class Worker:
 
     def _complete_flushes(self) -> None:
         if self._flushes:
-            handled = self._handled
+            # Done up to the oldest event still unfinished (events finish out
+            # of order when several are in flight or one is being retried).
+            unfinished = [item.seq for item in self._inflight]
+            if self._pending:
+                unfinished.append(self._pending[0].seq)
+            oldest = min(unfinished, default=self._pulled + 1)
             keep = []
             for target, done in self._flushes:
-                if handled >= target:
+                if target < oldest:
                     done.set()
                 else:
                     keep.append((target, done))
@@ -454,12 +545,20 @@ class Worker:
     def _finish(self) -> None:
         """Close once: count and log what could not be delivered in time."""
         with self._lock:
-            if self._finished:
-                return
+            closing_elsewhere = self._finished
             self._finished = True
-            left = self._lost = len(self._pending) + self._queue.qsize()
-            if left:
-                self._dropped["shutdown"] += left
+            left = 0
+            if not closing_elsewhere:
+                # From the counters, not the containers: an event moving
+                # between two of them right now is still counted once.
+                left = self._lost = self._pulled + self._queue.qsize() - self._handled
+                if left:
+                    self._dropped["shutdown"] += left
+        if closing_elsewhere:
+            # Let the other thread finish its report, or the process could
+            # exit before the warning is written.
+            self._closed_event.wait(1.0)
+            return
         if left:
             log.warning(
                 "produl_server: %d event(s) not delivered before the shutdown deadline; "
@@ -470,6 +569,7 @@ class Worker:
             done.set()
         if self._transport is not None:
             self._transport.close()
+        self._closed_event.set()
 
     # -- reporting ---------------------------------------------------------
 

@@ -258,13 +258,14 @@ def test_the_pacer_keeps_under_the_quota(produl_collector, make_client):
     assert 429 not in [r.status for r in produl_collector.requests]
 
 
+@pytest.mark.parametrize("max_in_flight", [1, 4])
 def test_the_sender_survives_a_raising_hook_and_internal_errors(
-    produl_collector, make_client, caplog
+    produl_collector, make_client, caplog, max_in_flight
 ):
     def hook(error, event):
         raise RuntimeError("hook bug")
 
-    produl = make_client(on_error=hook)
+    produl = make_client(on_error=hook, max_in_flight=max_in_flight)
     produl_collector.fail_next(1, status=400)
     produl.track_event("bad", visitor_id="v")
     with caplog.at_level(logging.ERROR, logger="produl_server"):
@@ -418,3 +419,35 @@ def test_debug_logs_show_outcome_and_latency(produl_collector, make_client, capl
     lines = [r.getMessage() for r in caplog.records]
     assert any("/api/collect -> 204 in" in line and " ms " in line for line in lines)
     assert "top" not in caplog.text
+
+
+@pytest.mark.parametrize("status", [None, 500, 429])
+def test_a_backlog_goes_out_on_several_connections_in_per_visitor_order(
+    produl_collector, make_client, status
+):
+    produl_collector.latency = 0.05
+    if status:
+        produl_collector.fail_next(5, status=status, retry_after=0.05 if status == 429 else None)
+    produl = make_client(max_in_flight=4, flush_interval=600)
+    for i in range(60):
+        produl.track_event("e", {"i": i}, visitor_id=f"v{i % 6}")
+    assert produl.flush(timeout=60)
+    events = produl_collector.events
+    assert sorted(e["pr"]["i"] for e in events) == list(range(60))  # once each
+    for visitor in range(6):
+        mine = [e["pr"]["i"] for e in events if e["vi"] == f"v{visitor}"]
+        assert mine == sorted(mine), f"visitor v{visitor} out of order: {mine}"
+    ports = {r.client_port for r in produl_collector.requests}
+    assert 1 < len(ports) <= 4
+    assert produl.stats.sent == 60
+    assert produl.stats.dropped == {}
+
+
+def test_without_a_backlog_one_connection_is_enough(produl_collector, make_client):
+    produl = make_client(max_in_flight=4, flush_at=5)
+    for round_ in range(4):
+        for i in range(3):
+            produl.track_event("e", {"i": i}, visitor_id=f"v{round_}{i}")
+        assert produl.flush(timeout=10)
+    assert len(produl_collector.events) == 12
+    assert len({r.client_port for r in produl_collector.requests}) == 1

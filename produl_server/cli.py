@@ -1,0 +1,426 @@
+"""The ``produl-server`` command: a local collector, one-off events, a demo.
+
+Subcommands::
+
+    produl-server collector   run a local collector with a live page
+    produl-server event       send one custom event and flush
+    produl-server pageview    send one pageview and flush
+    produl-server events      list what a collector stored
+    produl-server demo        a self-contained tour, no account needed
+
+Exit status: 0 on success, 1 when something failed at run time (not
+delivered, port in use, unreadable database), 2 for bad arguments. Errors
+are one line on stderr; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
+from produl_server._version import __version__
+from produl_server.collector import (
+    CollectorServer,
+    Query,
+    SqliteStore,
+    StoredEvent,
+    StoreError,
+)
+from produl_server.collector._format import describe_stored
+from produl_server.collector._record import mask_key
+
+__all__ = ["main"]
+
+PROG = "produl-server"
+DEFAULT_PORT = 8787
+DEFAULT_DB = "produl-events.sqlite3"
+#: Exit statuses.
+OK, FAILED, USAGE = 0, 1, 2
+
+
+class CommandError(Exception):
+    """A run-time failure reported as one line on stderr, with exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block: scripts log stderr line by line.
+        self.exit(USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _err(line: str) -> None:
+    sys.stderr.write(f"{PROG}: {line}\n")
+    sys.stderr.flush()
+
+
+def _rate_limit(text: str) -> int | None:
+    if text.lower() == "off":
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number or 'off', not {text!r}")
+    return int(text)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, not {text!r}")
+    return int(text)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the collector reachable from this machine only.
+
+    Args:
+        host: A host name or IP address.
+
+    Returns:
+        ``True`` for ``localhost`` and loopback addresses.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# -- collector ------------------------------------------------------------------
+
+
+def cmd_collector(args: argparse.Namespace) -> int:
+    """Run a collector until Ctrl-C or SIGTERM.
+
+    Args:
+        args: Parsed ``collector`` arguments.
+
+    Returns:
+        The exit status.
+
+    Raises:
+        CommandError: If the database or the address cannot be used.
+    """
+    generated = not args.server_key
+    key = args.server_key or "sk_local_" + secrets.token_hex(16)
+    store = SqliteStore(args.db)
+    lock = threading.Lock()
+
+    def show(stored: StoredEvent) -> None:
+        with lock:
+            _out(describe_stored(stored))
+
+    server = CollectorServer(
+        store=store,
+        server_key=key,
+        host=args.host,
+        port=args.port,
+        rate_limit=args.rate_limit,
+        keyless_rate_limit=args.keyless_rate_limit,
+        on_event=show,
+    )
+    # SIGTERM (docker stop, systemd) ends it as cleanly as Ctrl-C.
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        try:
+            server.start()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise CommandError(f"cannot listen on {args.host}:{args.port}: {reason}") from None
+        if not is_loopback(args.host):
+            _err(
+                f"warning: listening on {args.host}, reachable from other machines; "
+                "the collector is meant for local development"
+            )
+        _out(f"Produl local collector listening on {server.url}")
+        _out(f"  live page:  {server.url}/")
+        _out(f"  events in:  {os.path.abspath(args.db)} ({store.count()} stored)")
+        _out("Point the SDK at it with:")
+        _out(f"  PRODUL_API_URL={server.url}")
+        if generated:
+            # Printing the generated key once is this command's purpose.
+            _out(f"  PRODUL_SERVER_KEY={key}")
+        else:
+            _out(f"  PRODUL_SERVER_KEY=<the key you passed, {mask_key(key)}>")
+        _out("Press Ctrl-C to stop.")
+        threading.Event().wait()  # until SIGINT or SIGTERM raises KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how this command ends, even during startup
+    finally:
+        if in_main:
+            # A second Ctrl-C must not interrupt the (bounded) shutdown.
+            for sig in handlers:
+                signal.signal(sig, signal.SIG_IGN)
+        server.stop()
+        count = store.count()
+        store.close()
+        if in_main:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    _out(f"Stopped; {count} event(s) stored in {args.db}.")
+    return OK
+
+
+# -- events ---------------------------------------------------------------------
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """Print the events a collector stored, oldest of the last ``--limit`` first.
+
+    Args:
+        args: Parsed ``events`` arguments.
+
+    Returns:
+        The exit status.
+
+    Raises:
+        CommandError: If the database cannot be read.
+    """
+    store = SqliteStore(args.db, readonly=True)
+    try:
+        query = Query(type=args.type, name=args.name, visitor_id=args.visitor_id, limit=args.limit)
+        found = list(reversed(store.query(query)))
+    finally:
+        store.close()
+    if args.json:
+        _out(json.dumps([stored.as_json() for stored in found], ensure_ascii=False, indent=2))
+    else:
+        for stored in found:
+            _out(describe_stored(stored))
+        if not found:
+            _err(f"no events stored in {args.db}")
+    return OK
+
+
+# -- event / pageview -----------------------------------------------------------
+
+
+def _parse_props(args: argparse.Namespace) -> dict[str, Any] | None:
+    props: dict[str, Any] = {}
+    if args.props_json is not None:
+        try:
+            loaded = json.loads(args.props_json)
+        except ValueError as exc:
+            raise _UsageError(f"--props-json is not valid JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise _UsageError('--props-json must be a JSON object, like \'{"plan": "pro"}\'')
+        props.update(loaded)
+    for item in args.prop or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"bad --prop {item!r}: expected key=value")
+        props[key] = _prop_value(raw)
+    return props or None
+
+
+def _prop_value(raw: str) -> Any:
+    # Numbers, true/false/null, quoted strings, lists and objects are JSON;
+    # anything else is taken as a plain string (plan=pro).
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+class _UsageError(Exception):
+    """Bad arguments found after parsing; exit status 2."""
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Send one event or pageview through the SDK and flush it.
+
+    Args:
+        args: Parsed ``event`` or ``pageview`` arguments.
+
+    Returns:
+        0 when delivered, 1 otherwise.
+
+    Raises:
+        CommandError: When the event was not delivered.
+    """
+    from produl_server import Produl  # noqa: PLC0415 -- the client is only needed here
+    from produl_server.exceptions import ConfigurationError, InvalidEventError  # noqa: PLC0415
+
+    props = _parse_props(args) if args.command == "event" else None
+    errors: list[BaseException] = []
+    try:
+        client = Produl(
+            server_key=args.server_key,
+            api_url=args.api_url,
+            max_retry_time=args.timeout,
+            retry_initial_delay=min(0.5, args.timeout / 4),
+            shutdown_timeout=1.0,
+            on_error=lambda error, event: errors.append(error),
+        )
+    except ConfigurationError as exc:
+        raise _UsageError(str(exc)) from None
+    try:
+        try:
+            if args.command == "event":
+                client.track_event(
+                    args.name,
+                    props,
+                    visitor_id=args.visitor_id,
+                    path=args.path,
+                    url=args.url,
+                    session_key=args.session_key,
+                )
+                what = f"event {args.name!r}"
+            else:
+                client.track_pageview(
+                    path=args.path,
+                    visitor_id=args.visitor_id,
+                    url=args.url,
+                    title=args.title,
+                    referrer=args.referrer,
+                    session_key=args.session_key,
+                )
+                what = f"pageview {args.path!r}"
+        except InvalidEventError as exc:
+            raise _UsageError(f"invalid input: {exc}") from None
+        drained = client.flush(timeout=args.timeout + 5.0)
+        sent = client.stats.sent
+    finally:
+        client.shutdown(timeout=1.0)
+    if sent >= 1:
+        _out(f"delivered {what} to {client.config.api_url}")
+        return OK
+    if errors:
+        raise CommandError(f"not delivered: {_explain(errors[0])}")
+    if not drained:
+        raise CommandError(f"not delivered within {args.timeout:g} s to {client.config.api_url}")
+    raise CommandError("not delivered")
+
+
+def _explain(error: BaseException) -> str:
+    reason = getattr(error, "reason", "")
+    status = getattr(error, "status", None)
+    if reason == "unauthorized":
+        return f"the collector refused the server key (HTTP {status})"
+    if reason == "retries_exhausted":
+        return f"gave up retrying ({error})"
+    return str(error)
+
+
+# -- parser ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``produl-server`` argument parser.
+
+    Returns:
+        A parser whose namespaces carry the subcommand in ``command``.
+    """
+    parser = _Parser(prog=PROG, description="Produl server-side SDK tools.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    col = sub.add_parser("collector", help="run a local collector with a live web page")
+    col.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback)")
+    col.add_argument("--port", type=_port, default=DEFAULT_PORT, help="0 picks a free port")
+    col.add_argument("--db", default=DEFAULT_DB, help="SQLite file the events are kept in")
+    col.add_argument("--server-key", help="key to accept (default: generate and print one)")
+    col.add_argument(
+        "--rate-limit",
+        type=_rate_limit,
+        default=KEYED_RATE_LIMIT,
+        metavar="N|off",
+        help=f"keyed requests per minute per IP (default {KEYED_RATE_LIMIT})",
+    )
+    col.add_argument(
+        "--keyless-rate-limit",
+        type=_rate_limit,
+        default=KEYLESS_RATE_LIMIT,
+        metavar="N|off",
+        help=f"requests without a key per minute per IP (default {KEYLESS_RATE_LIMIT})",
+    )
+
+    lst = sub.add_parser("events", help="list the events a collector stored")
+    lst.add_argument("--db", default=DEFAULT_DB, help="the collector's SQLite file")
+    lst.add_argument("--json", action="store_true", help="print JSON")
+    lst.add_argument("--limit", type=_positive_int, default=100, help="the last N (default 100)")
+    lst.add_argument("--type", choices=("pv", "ev"), help="only pageviews or only events")
+    lst.add_argument("--name", help="only events with this name")
+    lst.add_argument("--visitor-id", help="only this visitor")
+
+    ev = sub.add_parser("event", help="send one custom event and flush")
+    ev.add_argument("name")
+    ev.add_argument("--prop", action="append", metavar="KEY=VALUE", help="a property (repeat)")
+    ev.add_argument("--props-json", metavar="JSON", help="properties as a JSON object")
+    ev.add_argument("--path")
+    pv = sub.add_parser("pageview", help="send one pageview and flush")
+    pv.add_argument("path")
+    pv.add_argument("--title")
+    pv.add_argument("--referrer")
+    for send in (ev, pv):
+        send.add_argument("--visitor-id", required=send is pv)
+        send.add_argument("--url")
+        send.add_argument("--session-key")
+        send.add_argument("--server-key", help="default: $PRODUL_SERVER_KEY")
+        send.add_argument("--api-url", help="default: $PRODUL_API_URL or Produl's API")
+        send.add_argument(
+            "--timeout", type=float, default=10.0, help="seconds to keep trying (default 10)"
+        )
+
+    sub.add_parser("demo", help="a tour against an embedded collector; no account needed")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``produl-server``.
+
+    Args:
+        argv: The arguments after the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+        The exit status: 0 success, 1 run-time failure, 2 bad arguments.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and argument errors
+        return exc.code if isinstance(exc.code, int) else USAGE
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "collector":
+            return cmd_collector(args)
+        if args.command == "events":
+            return cmd_events(args)
+        if args.command == "demo":
+            from produl_server.collector._demo import run_demo  # noqa: PLC0415
+
+            return run_demo(_out)
+        return cmd_send(args)
+    except _UsageError as exc:
+        _err(f"error: {exc}")
+        return USAGE
+    except (CommandError, StoreError) as exc:
+        _err(f"error: {exc}")
+        return FAILED
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130

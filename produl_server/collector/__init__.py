@@ -1,0 +1,36 @@
+"""A local stand-in for Produl's collection API: server, store and live page.
+
+Used by :class:`produl_server.testing.LocalCollector` (in tests) and by the
+``produl-server collector`` command (in development). Nothing here is needed
+to send events; the client never imports this package.
+"""
+
+from __future__ import annotations
+
+from produl_server.collector._faults import Fault
+from produl_server.collector._ratelimit import RateLimiter
+from produl_server.collector._record import Headers, RecordedRequest, mask_key
+from produl_server.collector._server import CollectorServer
+from produl_server.collector._store import (
+    MemoryStore,
+    Query,
+    SqliteStore,
+    Store,
+    StoredEvent,
+    StoreError,
+)
+
+__all__ = [
+    "CollectorServer",
+    "Fault",
+    "Headers",
+    "MemoryStore",
+    "Query",
+    "RateLimiter",
+    "RecordedRequest",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "StoredEvent",
+    "mask_key",
+]

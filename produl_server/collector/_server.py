@@ -1,0 +1,262 @@
+"""The collector's lifecycle: bind, serve on a thread, stop promptly."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
+from produl_server.collector._faults import Faults
+from produl_server.collector._http import CollectorHandler
+from produl_server.collector._ratelimit import RateLimiter
+from produl_server.collector._record import RecordedRequest
+from produl_server.collector._store import Store, StoredEvent
+
+logger = logging.getLogger("produl_server.collector")
+
+#: How long stop() waits for connection threads to finish closing.
+_STOP_JOIN_SECONDS = 5.0
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, collector: CollectorServer, address: tuple[str, int]) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.collector = collector
+        self._lock = threading.Lock()
+        self._open: dict[threading.Thread, socket.socket] = {}
+        super().__init__(address, CollectorHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn) that can
+        # take seconds on a machine without a resolver; we need no name.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self._serve_connection,
+            args=(request, client_address),
+            name="produl-server.collector.connection",
+            daemon=True,
+        )
+        # Registered before the thread runs, so stop() sees every connection.
+        with self._lock:
+            self._open[thread] = request
+        thread.start()
+
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self._open.pop(threading.current_thread(), None)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The default prints a traceback to stderr; a client vanishing is normal.
+        logger.debug("error while answering %s", client_address, exc_info=True)
+
+    def close_connections(self, timeout: float) -> None:
+        """Shut every open connection down and wait for their threads."""
+        with self._lock:
+            open_now = dict(self._open)
+        for sock in open_now.values():
+            _shutdown(sock)
+        deadline = time.monotonic() + timeout
+        for thread in open_now:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _shutdown(sock: socket.socket) -> None:
+    # OSError: its thread closed it already.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class CollectorServer:
+    """A local stand-in for Produl's collection API, served on a thread.
+
+    This is the engine behind :class:`~produl_server.testing.LocalCollector`
+    and the ``produl-server collector`` command.
+
+    Args:
+        store: Where accepted events go.
+        server_key: The only key accepted in ``X-Produl-Server-Key``.
+        host: Interface to bind.
+        port: TCP port; 0 picks a free one.
+        rate_limit: Keyed requests per minute per client IP; ``None`` for no limit.
+        keyless_rate_limit: Requests without a key per minute per client IP;
+            ``None`` for no limit.
+        record_requests: Remember every request (for tests; grows without bound).
+        on_event: Called with each stored event, on the connection's thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        server_key: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        rate_limit: int | None = KEYED_RATE_LIMIT,
+        keyless_rate_limit: int | None = KEYLESS_RATE_LIMIT,
+        record_requests: bool = False,
+        on_event: Callable[[StoredEvent], None] | None = None,
+    ) -> None:
+        if not server_key:
+            raise ValueError("the collector needs a server key")
+        self.store = store
+        self.server_key = server_key
+        self.host = host
+        self.requested_port = port
+        self.keyed_limiter = RateLimiter(rate_limit) if rate_limit is not None else None
+        self.keyless_limiter = (
+            RateLimiter(keyless_rate_limit) if keyless_rate_limit is not None else None
+        )
+        self.record_requests = record_requests
+        self.on_event = on_event
+        self.faults = Faults()
+        #: Notified whenever an event is stored or a request recorded.
+        self.changed = threading.Condition()
+        self.stopping = threading.Event()
+        #: POSTs read and waiting out latency or a hang right now.
+        self.held = 0
+        self._requests: list[RecordedRequest] = []
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port.
+
+        Raises:
+            RuntimeError: If the server is not running.
+        """
+        if self._httpd is None:
+            raise RuntimeError("the collector is not running; call start() first")
+        return self._httpd.server_port
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use, e.g. ``http://127.0.0.1:8787``.
+
+        Raises:
+            RuntimeError: If the server is not running.
+        """
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the server is accepting connections."""
+        return self._httpd is not None
+
+    def start(self) -> None:
+        """Bind and start serving on a daemon thread; a no-op when running.
+
+        Raises:
+            OSError: If the address cannot be bound (e.g. the port is in use).
+        """
+        if self._httpd is not None:
+            return
+        self.stopping.clear()
+        httpd = _HTTPServer(self, (self.host, self.requested_port))
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="produl-server.collector",
+            daemon=True,
+        )
+        self._thread.start()
+        logger.debug("collector listening on %s", self.url)
+
+    def stop(self) -> None:
+        """Stop serving and close every connection, idle or busy; idempotent."""
+        httpd, thread = self._httpd, self._thread
+        if httpd is None or thread is None:
+            return
+        self.stopping.set()
+        self.faults.released.set()  # wakes POSTs held by hang()
+        httpd.shutdown()
+        httpd.server_close()
+        httpd.close_connections(_STOP_JOIN_SECONDS)
+        thread.join(_STOP_JOIN_SECONDS)
+        self._httpd = self._thread = None
+        with self.changed:
+            self.changed.notify_all()
+
+    def pause_before_answer(self) -> bool:
+        """Apply the injected latency and hang before answering a POST.
+
+        Returns:
+            ``False`` if the server is stopping and the request should be dropped.
+        """
+        with self.changed:
+            self.held += 1
+            self.changed.notify_all()
+        try:
+            latency = self.faults.latency
+            if latency > 0 and self.stopping.wait(latency):
+                return False
+            self.faults.released.wait()
+            return not self.stopping.is_set()
+        finally:
+            with self.changed:
+                self.held -= 1
+                self.changed.notify_all()
+
+    def accept(self, event: dict[str, Any], received_at: float) -> None:
+        """Store an accepted event and tell waiters and ``on_event``.
+
+        Args:
+            event: A validated wire dict.
+            received_at: Unix seconds.
+        """
+        stored = self.store.add(event, received_at)
+        with self.changed:
+            self.changed.notify_all()
+        if self.on_event is not None:
+            try:
+                self.on_event(stored)
+            except Exception:
+                logger.exception("on_event callback failed")
+
+    def record(self, request: RecordedRequest) -> None:
+        """Remember one answered (or dropped) request, if recording.
+
+        Args:
+            request: The request and its outcome.
+        """
+        with self.changed:
+            if self.record_requests:
+                self._requests.append(request)
+            self.changed.notify_all()
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every recorded request, in the order answered (a copy)."""
+        with self.changed:
+            return list(self._requests)
+
+    def reset_limits(self) -> None:
+        """Refill every client's rate-limit bucket."""
+        for limiter in (self.keyed_limiter, self.keyless_limiter):
+            if limiter is not None:
+                limiter.reset()
+
+    def clear_requests(self) -> None:
+        """Forget the recorded requests."""
+        with self.changed:
+            self._requests.clear()

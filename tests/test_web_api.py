@@ -1,0 +1,162 @@
+"""The collector's JSON API and page, over real HTTP."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import urllib3
+
+from produl_server._protocol import KEY_HEADER
+from produl_server.testing import LocalCollector
+
+EVENTS = [
+    {"t": "pv", "p": "/pricing", "vi": "u1"},
+    {"t": "ev", "n": "signup", "vi": "u1", "pr": {"plan": "pro"}},
+    {"t": "ev", "n": "invoice_paid", "vi": "u2"},
+    {"t": "ev", "n": "signup", "vi": "u3"},
+]
+
+
+@pytest.fixture
+def http() -> Iterator[urllib3.PoolManager]:
+    pool = urllib3.PoolManager(maxsize=1, retries=False, timeout=10.0)
+    yield pool
+    pool.clear()
+
+
+@pytest.fixture
+def filled(http: urllib3.PoolManager, produl_collector: LocalCollector) -> LocalCollector:
+    for event in EVENTS:
+        response = http.request(
+            "POST",
+            produl_collector.url + "/api/collect",
+            body=json.dumps(event).encode(),
+            headers={KEY_HEADER: produl_collector.server_key},
+        )
+        assert response.status == 204
+    return produl_collector
+
+
+def get_events(http: urllib3.PoolManager, collector: LocalCollector, query: str = "") -> dict:  # type: ignore[type-arg]
+    response = http.request("GET", collector.url + "/api/events" + query)
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "application/json"
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_lists_events_newest_first_with_counts(
+    http: urllib3.PoolManager, filled: LocalCollector
+) -> None:
+    body = get_events(http, filled)
+
+    assert [item["event"] for item in body["events"]] == EVENTS[::-1]
+    ids = [item["id"] for item in body["events"]]
+    assert ids == sorted(ids, reverse=True)
+    assert all(isinstance(item["received_at"], float) for item in body["events"])
+    assert body["total"] == 4
+    assert body["counts"] == {"signup": 2, "invoice_paid": 1, "pageview": 1}
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("?t=pv", [EVENTS[0]]),
+        ("?n=signup", [EVENTS[3], EVENTS[1]]),
+        ("?vi=u1", [EVENTS[1], EVENTS[0]]),
+        ("?t=ev&vi=u1", [EVENTS[1]]),
+        ("?limit=1", [EVENTS[3]]),
+        ("?n=", EVENTS[::-1]),  # an empty filter is no filter
+        ("?n=nothing", []),
+    ],
+)
+def test_filters(
+    http: urllib3.PoolManager,
+    filled: LocalCollector,
+    query: str,
+    expected: list[dict],  # type: ignore[type-arg]
+) -> None:
+    assert [item["event"] for item in get_events(http, filled, query)["events"]] == expected
+
+
+@pytest.mark.parametrize("limit", ["0", "abc", "1001", "-1"])
+def test_refuses_a_bad_limit(
+    http: urllib3.PoolManager, produl_collector: LocalCollector, limit: str
+) -> None:
+    response = http.request("GET", f"{produl_collector.url}/api/events?limit={limit}")
+    assert response.status == 400
+    assert response.json()["field"] == "limit"
+
+
+def test_delete_forgets_everything(http: urllib3.PoolManager, filled: LocalCollector) -> None:
+    response = http.request("DELETE", filled.url + "/api/events")
+
+    assert response.status == 204
+    assert filled.events == []
+    assert get_events(http, filled) == {"events": [], "total": 0, "counts": {}}
+    assert http.request("DELETE", filled.url + "/api/collect").status == 405
+
+
+def test_healthz(http: urllib3.PoolManager, filled: LocalCollector) -> None:
+    response = http.request("GET", filled.url + "/healthz")
+    assert response.status == 200
+    assert response.json() == {"status": "ok", "events": 4}
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_inspection_api_is_not_readable_cross_origin(
+    http: urllib3.PoolManager, filled: LocalCollector
+) -> None:
+    # Another site open in the same browser must not read the local events.
+    response = http.request("GET", filled.url + "/api/events")
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "marker"),
+    [
+        ("/", "text/html; charset=utf-8", b'<tbody id="events">'),
+        ("/app.js", "text/javascript; charset=utf-8", b"/api/events"),
+        ("/app.css", "text/css; charset=utf-8", b"table"),
+    ],
+)
+def test_serves_the_page_from_package_data(
+    http: urllib3.PoolManager,
+    produl_collector: LocalCollector,
+    path: str,
+    content_type: str,
+    marker: bytes,
+) -> None:
+    response = http.request("GET", produl_collector.url + path)
+    assert response.status == 200
+    assert response.headers["Content-Type"] == content_type
+    assert marker in response.data
+    assert b"http://" not in response.data
+    assert b"https://" not in response.data
+
+
+def test_head_has_headers_and_no_body(
+    http: urllib3.PoolManager, produl_collector: LocalCollector
+) -> None:
+    response = http.request("HEAD", produl_collector.url + "/", preload_content=False)
+    try:
+        assert response.status == 200
+        assert int(response.headers["Content-Length"]) > 100
+        assert response.read() == b""
+    finally:
+        response.release_conn()
+    # The connection is still in step: the next request works.
+    assert http.request("GET", produl_collector.url + "/healthz").status == 200
+
+
+def test_unknown_paths_and_methods(
+    http: urllib3.PoolManager, produl_collector: LocalCollector
+) -> None:
+    assert http.request("GET", produl_collector.url + "/nope").status == 404
+    response = http.request("PUT", produl_collector.url + "/api/collect", body=b"{}")
+    assert response.status == 405
+    response = http.request("PATCH", produl_collector.url + "/api/events", body=b"x" * 100)
+    assert response.status == 405
+    assert http.request("GET", produl_collector.url + "/healthz").status == 200
+    assert len({r.client_port for r in produl_collector.requests}) == 1

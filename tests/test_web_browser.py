@@ -1,0 +1,183 @@
+"""The live page in a real headless Chromium (Debian's ``/usr/bin/chromium``).
+
+Skipped only when the browser or playwright is missing *and* ``CI`` is unset:
+in CI a missing browser fails, so the page is never silently untested.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from produl_server.testing import LocalCollector
+
+if TYPE_CHECKING:
+    from produl_server import Produl
+
+CHROMIUM = os.environ.get("PRODUL_TEST_CHROMIUM", "/usr/bin/chromium")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+#: Playwright's waits are conditions with a deadline; this is the deadline.
+WAIT_MS = 15_000
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}, and CI is set: the browser test must run in CI")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+        _unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("playwright is not installed (pip install playwright)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any, produl_collector: LocalCollector) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda error: errors.append(str(error)))
+    opened.on("dialog", lambda dialog: dialog.accept())
+    opened.set_default_timeout(WAIT_MS)
+    opened.goto(produl_collector.url + "/")
+    yield opened
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def artifacts(tmp_path: pathlib.Path) -> pathlib.Path:
+    where = os.environ.get("PRODUL_TEST_ARTIFACTS")
+    path = pathlib.Path(where) if where else tmp_path
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def rows(page: Any) -> Any:
+    return page.locator("#events tr")
+
+
+def test_events_sent_through_the_sdk_appear_live(
+    page: Any, produl: Produl, produl_collector: LocalCollector, artifacts: pathlib.Path
+) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator("#status")).to_contain_text("live")
+    expect(page.locator("#empty")).to_be_visible()
+
+    produl.track_pageview(path="/pricing", visitor_id="cus_42", session_key="s-1")
+    produl.track_event(
+        "invoice_paid", {"amount_cents": 4900, "currency": "usd"}, visitor_id="cus_42"
+    )
+    assert produl.flush(timeout=10)
+
+    expect(rows(page)).to_have_count(2)
+    newest = rows(page).nth(0).locator("td")
+    expect(newest.nth(1)).to_have_text("event")
+    expect(newest.nth(2)).to_have_text("invoice_paid")
+    expect(newest.nth(4)).to_have_text("cus_42")
+    expect(newest.nth(6)).to_have_text('{"amount_cents":4900,"currency":"usd"}')
+    oldest = rows(page).nth(1).locator("td")
+    expect(oldest.nth(1)).to_have_text("pageview")
+    expect(oldest.nth(3)).to_have_text("/pricing")
+    expect(oldest.nth(5)).to_have_text("s-1")
+    expect(page.locator('#counts li[data-name="invoice_paid"] b')).to_have_text("1")
+    expect(page.locator('#counts li[data-name="pageview"] b')).to_have_text("1")
+    expect(page.locator("#empty")).to_be_hidden()
+
+    # Live: a new event shows up without reloading.
+    produl.track_event("signup", {"plan": "pro"}, visitor_id="cus_43")
+    assert produl.flush(timeout=10)
+    expect(rows(page)).to_have_count(3)
+    expect(rows(page).nth(0).locator("td").nth(2)).to_have_text("signup")
+
+    page.screenshot(path=str(artifacts / "collector-page.png"), full_page=True)
+    assert (artifacts / "collector-page.png").stat().st_size > 10_000
+
+
+def test_filters_narrow_the_table(page: Any, produl: Produl) -> None:
+    from playwright.sync_api import expect
+
+    for visitor in ("a", "b"):
+        produl.track_event("signup", visitor_id=visitor)
+        produl.track_pageview(path="/home", visitor_id=visitor)
+    assert produl.flush(timeout=10)
+    expect(rows(page)).to_have_count(4)
+
+    page.select_option("#filter-type", "pv")
+    expect(rows(page)).to_have_count(2)
+    page.select_option("#filter-type", "")
+    page.fill("#filter-visitor", "b")
+    expect(rows(page)).to_have_count(2)
+    page.fill("#filter-name", "signup")
+    expect(rows(page)).to_have_count(1)
+    expect(rows(page).nth(0).locator("td").nth(4)).to_have_text("b")
+
+
+def test_event_content_is_shown_as_text_not_markup(page: Any, produl: Produl) -> None:
+    from playwright.sync_api import expect
+
+    hostile = "<img src=x onerror=\"document.title='pwned'\">"
+    produl.track_event(hostile, {"html": "<b>bold</b>"}, visitor_id="<script>x</script>")
+    assert produl.flush(timeout=10)
+
+    expect(rows(page)).to_have_count(1)
+    expect(rows(page).nth(0).locator("td").nth(2)).to_have_text(hostile)
+    assert page.locator("#events img, #events b, #events script").count() == 0
+    assert page.title() == "Produl local collector"
+
+
+def test_delete_all_empties_the_page_and_the_store(
+    page: Any, produl: Produl, produl_collector: LocalCollector
+) -> None:
+    from playwright.sync_api import expect
+
+    produl.track_event("signup", visitor_id="u1")
+    assert produl.flush(timeout=10)
+    expect(rows(page)).to_have_count(1)
+
+    page.click("#reset")
+
+    expect(rows(page)).to_have_count(0)
+    expect(page.locator("#empty")).to_be_visible()
+    assert produl_collector.events == []
+
+
+def test_page_reports_an_unreachable_collector(browser: Any, tmp_path: pathlib.Path) -> None:
+    from playwright.sync_api import expect
+
+    collector = LocalCollector().start()
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(collector.url + "/")
+        expect(page.locator("#status")).to_contain_text("live")
+        collector.stop()
+        expect(page.locator("#status")).to_contain_text("unreachable")
+    finally:
+        context.close()
+        collector.stop()
