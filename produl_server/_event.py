@@ -34,10 +34,32 @@ from .exceptions import InvalidEventError, InvalidEventTypeError
 log = logging.getLogger("produl_server")
 
 # One encoder, built once: json.dumps() with keyword arguments builds a new
-# encoder per call. The snapshot below has no cycles, so skip that check.
-_encode = json.JSONEncoder(
+# encoder per call, and even JSONEncoder.encode() builds a new C encoder per
+# call. The snapshot below has no cycles, so skip that check.
+_encoder = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
-).encode
+)
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+if _c_make_encoder is not None:  # CPython's C accelerator (PyPy has none)
+    _c_encode = _c_make_encoder(
+        None,  # markers: no cycle check
+        _encoder.default,
+        json.encoder.encode_basestring,  # ensure_ascii=False
+        None,  # indent
+        ":",
+        ",",
+        False,  # sort_keys
+        False,  # skipkeys
+        False,  # allow_nan
+    )
+
+    def _encode(value: Any) -> str:
+        return "".join(_c_encode(value, 0))
+
+else:  # pragma: no cover - only without the C accelerator
+    _encode = _encoder.encode  # type: ignore[assignment]
+
+_SCALARS = frozenset({str, int, bool, type(None)})
 
 _MAX_DEPTH = 64
 
@@ -202,6 +224,15 @@ def _properties(value: object) -> dict[str, Any]:
         raise InvalidEventTypeError(
             "properties", f"must be a dict with str keys, not {type(value).__name__}"
         )
+    if type(value) is dict:
+        # The common case, a flat dict of plain scalars: a shallow copy is
+        # the whole snapshot.
+        scalars = _SCALARS
+        for key, item in value.items():
+            if type(key) is not str or type(item) not in scalars:
+                break
+        else:
+            return dict(value)
     try:
         return _clean_mapping(value, 1, {id(value)})
     except _PathError as error:

@@ -11,6 +11,7 @@ import enum
 import json
 import logging
 import math
+import os
 import platform
 import time
 from typing import Any
@@ -20,7 +21,7 @@ import requests.utils
 import urllib3
 from urllib3.util import parse_url
 
-from ._config import Config
+from ._config import Config, is_loopback
 from ._protocol import COLLECT_PATH, KEY_HEADER
 from ._version import __version__
 
@@ -110,20 +111,47 @@ class Transport:
             "User-Agent": USER_AGENT,
         }
         self._timeout = config.request_timeout
+        # Built once: a Timeout per request costs more than our own code does.
+        self._default_timeout = urllib3.Timeout(connect=self._timeout, read=self._timeout)
         self._display = f"{url.scheme}://{url.netloc}{self._path}"
         base = f"{url.scheme}://{url.netloc}"
-        proxy = config.proxy or requests.utils.get_environ_proxies(base).get(url.scheme or "https")
+        self._target = self._path
+        proxy = config.proxy
+        if proxy is None and not is_loopback(url.host or ""):
+            # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as requests reads them; a
+            # collector on this machine is never reached through a proxy.
+            proxy = requests.utils.get_environ_proxies(base).get(url.scheme or "https")
         tls: dict[str, Any] = {}
         if url.scheme == "https":
             if config.verify is False:
                 tls["cert_reqs"] = "CERT_NONE"
             else:
+                # The trust store requests uses (certifi, or the bundle named
+                # by REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE), unless a path is given.
                 tls["cert_reqs"] = "CERT_REQUIRED"
-                if isinstance(config.verify, str):
-                    tls["ca_certs"] = config.verify
+                tls["ca_certs"] = (
+                    config.verify
+                    if isinstance(config.verify, str)
+                    else os.environ.get("REQUESTS_CA_BUNDLE")
+                    or os.environ.get("CURL_CA_BUNDLE")
+                    or requests.utils.DEFAULT_CA_BUNDLE_PATH
+                )
         manager: urllib3.PoolManager
         if proxy:
-            manager = urllib3.ProxyManager(proxy, num_pools=1, maxsize=config.max_in_flight, **tls)
+            auth = parse_url(proxy).auth
+            proxy_headers = urllib3.make_headers(proxy_basic_auth=auth) if auth else None
+            manager = urllib3.ProxyManager(
+                proxy,
+                num_pools=1,
+                maxsize=config.max_in_flight,
+                proxy_headers=proxy_headers,
+                **tls,
+            )
+            if url.scheme == "http":
+                # Plain http through a proxy: the request line carries the
+                # absolute URL, and the proxy's credentials ride on it.
+                self._target = base + self._path
+                self._headers.update(proxy_headers or {})
         else:
             manager = urllib3.PoolManager(num_pools=1, maxsize=config.max_in_flight, **tls)
         self._manager = manager
@@ -140,31 +168,37 @@ class Transport:
             timeout: Seconds for connect and for read; the configured
                 ``request_timeout`` when ``None``.
         """
-        seconds = self._timeout if timeout is None else max(min(timeout, self._timeout), 0.001)
+        if timeout is None or timeout >= self._timeout:
+            limit = self._default_timeout
+        else:
+            seconds = max(timeout, 0.001)
+            limit = urllib3.Timeout(connect=seconds, read=seconds)
         started = time.perf_counter()
         try:
             response = self._pool.urlopen(
                 "POST",
-                self._path,
+                self._target,
                 body=body,
                 headers=self._headers,
                 retries=False,
                 redirect=False,
-                timeout=urllib3.Timeout(connect=seconds, read=seconds),
+                timeout=limit,
                 assert_same_host=False,
             )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             detail = f"{type(exc).__name__}: {_describe(exc)}"
-            log.debug("POST %s failed after %.1f ms: %s", self._display, _ms(started), detail)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("POST %s failed after %.1f ms: %s", self._display, _ms(started), detail)
             return Outcome(Verdict.RETRY, None, None, "network", detail)
         outcome = classify(response.status, response.data, response.headers.get("Retry-After"))
-        log.debug(
-            "POST %s -> %d in %.1f ms (%s)",
-            self._display,
-            response.status,
-            _ms(started),
-            outcome.verdict.value,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "POST %s -> %d in %.1f ms (%s)",
+                self._display,
+                response.status,
+                _ms(started),
+                outcome.verdict.value,
+            )
         return outcome
 
     def close(self) -> None:

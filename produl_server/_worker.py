@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import queue
 import random
 import threading
@@ -151,6 +152,13 @@ class Worker:
         self._first_enqueue = 0.0
         self._not_before = 0.0
         self._failures = 0
+        #: When the collector stopped answering (0 while it answers): events
+        #: pulled during an outage count their retry time from its start.
+        self._outage_since = 0.0
+        #: Smoothed seconds per request, to size the lanes to the quota.
+        self._latency = 0.0
+        rate = config.max_requests_per_minute
+        self._target_rate = rate / 60.0 if rate else 1000.0
         self._deadline: float | None = None
         self._finished = False
         self._closed_event = threading.Event()
@@ -323,10 +331,13 @@ class Worker:
 
     def _attempt(self, item: _Item, timeout: float | None) -> Outcome:
         """One POST; a bug below us becomes a retry, never a lost event."""
+        started = _monotonic()
         try:
             if self._transport is None:  # pragma: no cover - created before any send
                 raise RuntimeError("no transport")
-            return self._transport.send(item.body, timeout)
+            outcome = self._transport.send(item.body, timeout)
+            self._latency += (_monotonic() - started - self._latency) * 0.2
+            return outcome
         except Exception as exc:
             log.exception("produl_server: unexpected error in the sender; continuing")
             return Outcome(Verdict.RETRY, None, None, "internal", f"internal error: {exc!r}")
@@ -409,13 +420,9 @@ class Worker:
         if self._transport is None:
             self._transport = self._make_transport(self._config)
         use_lanes = not inline and self._lanes > 0
-        limit = self._lanes if use_lanes else 1
-        if waiting + len(self._pending) <= self._config.flush_at:
-            # No backlog: one request at a time keeps to one kept-alive
-            # connection. More go out at once only when events pile up.
-            limit = 1
         while True:
             self._settle_done()
+            limit = self._lane_limit() if use_lanes else 1
             if len(self._pending) < 2 * limit and self._drain_to > self._pulled:
                 self._pull(keyed=use_lanes)
                 continue
@@ -439,12 +446,24 @@ class Worker:
             del self._pending[index]
             timeout = None if deadline is None else deadline - now
             self._inflight.append(item)
-            if not use_lanes:
+            if limit == 1:  # no hand-off to a lane: cheaper, same connection
                 self._settle(item, self._attempt(item, timeout))
             else:
                 self._jobs.put((item, timeout))
         self._complete_flushes()
         return None if self._inflight else 0.0
+
+    def _lane_limit(self) -> int:
+        """How many requests may be in flight now.
+
+        With a backlog, as many as the quota can use at the collector's
+        current latency (1 at 10 ms, 4 at 100 ms for 2,000/min); without
+        one, a single request, so one kept-alive connection carries it all.
+        """
+        if self._drain_to - self._pulled + len(self._pending) <= self._config.flush_at:
+            return 1
+        wanted = math.ceil(self._latency * self._target_rate * 1.25)
+        return max(1, min(self._lanes, wanted))
 
     def _pull(self, *, keyed: bool) -> None:
         with self._lock:  # so that an event is always counted somewhere
@@ -484,18 +503,26 @@ class Worker:
         self._inflight.remove(item)
         if outcome.verdict is Verdict.DELIVERED:
             self._failures = 0
+            self._outage_since = 0.0
             self._finish_item(sent=True)
             return
         if outcome.verdict is Verdict.DROP:
+            self._outage_since = 0.0
             # The event itself is bad (or the key is): never retry it, and
             # never let it hold up the events behind it.
             self._finish_item(sent=False)
             self._report(item.body, outcome.reason, outcome.detail, outcome.status)
             return
         now = _monotonic()
-        if not item.failing_since:
-            item.failing_since = now
-        if now - item.failing_since >= self._config.max_retry_time:
+        if outcome.reason == "rate_limited":
+            # A 429 is the collector asking for patience, not failing: it
+            # never uses up an event's retry time (PROTOCOL.md: a 429 never
+            # loses an event). The bounded queue caps what waits meanwhile.
+            self._outage_since = 0.0
+        else:
+            self._outage_since = self._outage_since or now
+            item.failing_since = item.failing_since or self._outage_since
+        if item.failing_since and now - item.failing_since >= self._config.max_retry_time:
             self._finish_item(sent=False)
             self._report(
                 item.body,
@@ -565,11 +592,25 @@ class Worker:
                 "they are lost",
                 left,
             )
+            if self._config.on_error is not None:
+                self._report_lost()
         for _target, done in self._flushes:
             done.set()
         if self._transport is not None:
             self._transport.close()
         self._closed_event.set()
+
+    def _report_lost(self) -> None:
+        """Hand each event lost at the shutdown deadline to the error hook."""
+        lost = [item.body for item in list(self._inflight) + list(self._pending)]
+        while True:
+            try:
+                lost.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        error = DeliveryError("shutdown", "not delivered before the shutdown deadline")
+        for body in lost:
+            self.call_hook(error, json.loads(body))
 
     # -- reporting ---------------------------------------------------------
 

@@ -25,6 +25,19 @@ pytest_plugins = ["produl_server.pytest_plugin"]
 import pytest  # noqa: E402
 
 from produl_server import Produl  # noqa: E402
+from produl_server.testing import LocalCollector  # noqa: E402
+
+
+@pytest.fixture(name="hung_collector")
+def _hung_collector():
+    """A collector of its own that never answers; stopped, never released.
+
+    Not the shared one: requests it holds would be stored on release and
+    show up in the next test.
+    """
+    with LocalCollector() as collector:
+        collector.hang()
+        yield collector
 
 
 @pytest.fixture(name="make_client")

@@ -397,16 +397,12 @@ def test_shutdown_is_idempotent_and_later_events_are_reported(produl_collector, 
     assert produl.flush(timeout=1) is True
 
 
-def test_shutdown_reports_what_it_could_not_deliver(produl_collector, make_client, caplog):
-    produl_collector.hang()
-    try:
-        produl = make_client(flush_interval=600)
-        for i in range(3):
-            produl.track_event("e", {"i": i}, visitor_id="v")
-        with caplog.at_level(logging.WARNING, logger="produl_server"):
-            produl.shutdown(timeout=0.5)
-    finally:
-        produl_collector.release()
+def test_shutdown_reports_what_it_could_not_deliver(hung_collector, make_client, caplog):
+    produl = make_client(flush_interval=600, api_url=hung_collector.url)
+    for i in range(3):
+        produl.track_event("e", {"i": i}, visitor_id="v")
+    with caplog.at_level(logging.WARNING, logger="produl_server"):
+        produl.shutdown(timeout=0.5)
     assert produl.stats.dropped == {"shutdown": 3}
     assert "3 event(s) not delivered" in caplog.text
 
@@ -451,3 +447,52 @@ def test_without_a_backlog_one_connection_is_enough(produl_collector, make_clien
         assert produl.flush(timeout=10)
     assert len(produl_collector.events) == 12
     assert len({r.client_port for r in produl_collector.requests}) == 1
+
+
+def test_429s_never_use_up_an_events_retry_time(produl_collector, make_client):
+    # max_retry_time is far shorter than the 429 episode: 429s must not count.
+    produl_collector.fail_next(8, status=429, retry_after=0.1)
+    produl = make_client(max_retry_time=0.2)
+    produl.track_event("patient", visitor_id="v")
+    assert produl.flush(timeout=30)
+    assert [e["n"] for e in produl_collector.events] == ["patient"]
+    assert produl.stats.dropped == {}
+    assert produl.stats.retried == 8
+
+
+def test_in_a_long_outage_later_events_get_one_attempt_each(make_client):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    reported = []
+    produl = make_client(
+        api_url=f"http://127.0.0.1:{port}",
+        max_retry_time=0.3,
+        flush_interval=600,
+        on_error=lambda e, ev: reported.append(ev["pr"]["i"]),
+    )
+    produl.track_event("e", {"i": 0}, visitor_id="v")
+    assert produl.flush(timeout=20)  # the first one used up the outage budget
+    started_attempts = produl.stats.retried
+    for i in range(1, 6):
+        produl.track_event("e", {"i": i}, visitor_id="v")
+    assert produl.flush(timeout=20)
+    assert reported == [0, 1, 2, 3, 4, 5]
+    # Each later event was tried once and given up: the outage is old.
+    assert produl.stats.retried == started_attempts
+    assert produl.stats.dropped == {"retries_exhausted": 6}
+
+
+def test_events_lost_at_the_shutdown_deadline_reach_the_hook(hung_collector, make_client):
+    reported = []
+    produl = make_client(
+        api_url=hung_collector.url,
+        flush_interval=600,
+        on_error=lambda e, ev: reported.append((e.reason, ev["pr"]["i"])),
+    )
+    for i in range(3):
+        produl.track_event("e", {"i": i}, visitor_id="v")
+    produl.shutdown(timeout=0.3)
+    assert sorted(reported) == [("shutdown", 0), ("shutdown", 1), ("shutdown", 2)]

@@ -13,7 +13,6 @@ import time
 import pytest
 
 from produl_server import Produl
-from produl_server.testing import LocalCollector
 
 pytestmark = pytest.mark.slow
 
@@ -82,14 +81,6 @@ def test_a_forgotten_client_is_still_flushed_at_exit(produl_collector):
     )
     assert result.returncode == 0, result.stderr
     assert [e["n"] for e in produl_collector.events] == ["orphan"]
-
-
-@pytest.fixture(name="hung_collector")
-def _hung_collector():
-    """A collector of its own that never answers; stopped, never released."""
-    with LocalCollector() as collector:
-        collector.hang()
-        yield collector
 
 
 @pytest.mark.parametrize("server", ["hanging", "down"])
