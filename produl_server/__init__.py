@@ -10,7 +10,7 @@ True
 import logging
 
 from ._client import Produl
-from ._config import Config
+from ._config import Config, ErrorHook
 from ._event import PageviewData
 from ._version import __version__
 from ._worker import Stats
@@ -30,6 +30,7 @@ __all__ = [
     "Config",
     "ConfigurationError",
     "DeliveryError",
+    "ErrorHook",
     "InvalidEventError",
     "InvalidEventTypeError",
     "PageviewData",

@@ -64,8 +64,12 @@ class Produl:
         raise_on_invalid: ``False`` turns :class:`InvalidEventError` into a
             logged, counted drop.
         on_error: Called as ``on_error(error, event)`` with a
-            :class:`~produl_server.DeliveryError` for every event that is not
-            delivered; runs on the sender thread and must not block.
+            :class:`~produl_server.DeliveryError` for every event that is
+            dropped: refused by the collector, out of retries, lost at the
+            shutdown deadline, refused at the door (``queue_full``,
+            ``invalid`` with ``raise_on_invalid=False``, after shutdown).
+            Delivery problems call it on the sender thread, door refusals on
+            the caller's; it must be quick and must not block.
         proxy: An HTTP(S) proxy URL. Default: the ``HTTPS_PROXY`` /
             ``HTTP_PROXY`` / ``NO_PROXY`` environment variables.
         verify: ``False`` to skip TLS verification, or a CA bundle path.
@@ -192,10 +196,10 @@ class Produl:
         name: str,
         properties: dict[str, Any] | None = None,
         *,
-        visitor_id: str | int | None = None,
+        visitor_id: str | int | uuid.UUID | None = None,
         path: str | None = None,
         url: str | None = None,
-        session_key: str | int | None = None,
+        session_key: str | int | uuid.UUID | None = None,
     ) -> None:
         """Queue a custom event.
 
@@ -232,6 +236,11 @@ class Produl:
     def flush(self, timeout: float | None = None) -> bool:
         """Send every queued event now and wait until done or *timeout*.
 
+        A flush does not cut short a pause the collector asked for (429
+        ``Retry-After``) or a retry backoff; during an outage ``timeout=None``
+        can therefore wait up to ``max_retry_time``. Called from the sender
+        thread (an ``on_error`` hook), it returns False at once with a warning.
+
         Args:
             timeout: Seconds to wait at most; ``None`` waits until done.
 
@@ -245,9 +254,10 @@ class Produl:
     def shutdown(self, timeout: float | None = None) -> None:
         """Deliver what is queued (within *timeout*), then stop the sender.
 
-        Idempotent. Events tracked afterwards are dropped and reported.
-        Events still undelivered at the deadline are counted as dropped
-        (``shutdown``) and logged.
+        Idempotent. The client leaves the exit hook (there is nothing left
+        for it to do at exit). Events tracked afterwards are dropped and
+        reported. Events still undelivered at the deadline are counted as
+        dropped (``shutdown``), logged and handed to ``on_error``.
 
         Args:
             timeout: Seconds to spend at most; default ``shutdown_timeout``.
@@ -258,7 +268,7 @@ class Produl:
 
     @property
     def stats(self) -> Stats:
-        """A snapshot of the delivery counters: see :class:`Stats`."""
+        """A snapshot of the delivery counters (see :class:`Stats`)."""
         return self._worker.stats()
 
     def __enter__(self) -> Produl:

@@ -20,6 +20,8 @@ log = logging.getLogger("produl_server")
 KEY_ENV = "PRODUL_SERVER_KEY"
 URL_ENV = "PRODUL_API_URL"
 
+#: The type of ``on_error``: ``on_error(error, event)``, where *event* is the
+#: wire dict of the dropped event (or the call's arguments, for an invalid one).
 ErrorHook = Callable[[DeliveryError, Mapping[str, Any]], object]
 
 
@@ -127,10 +129,33 @@ def is_loopback(host: str) -> bool:
 
 @attrs.frozen(kw_only=True)
 class Config:
-    """Every option of :class:`~produl_server.Produl`, validated.
+    """Every option of :class:`~produl_server.Produl`, validated and frozen.
 
-    See the options table in the docs for what each one does; internals
-    receive this object, never loose keyword arguments.
+    Internals receive this object, never loose keyword arguments. Build it
+    with :meth:`from_env`; ``Produl.config`` shows the one a client uses.
+
+    Attributes:
+        server_key: The site's server key (its repr shows only the last 4).
+        api_url: Base URL of the collection API.
+        enabled: False validates every call but sends nothing.
+        sync_mode: Send on the caller's thread; no sender thread.
+        flush_at: Send when this many events are queued.
+        flush_interval: Send this many seconds after the last enqueue.
+        max_delay: Send at the latest this many seconds after the oldest
+            queued event was queued.
+        max_queue_size: Events held at most before new ones are dropped.
+        shutdown_timeout: Seconds the exit hook or shutdown may spend.
+        request_timeout: Seconds to connect, and to wait for an answer.
+        max_requests_per_minute: The client-side pace, or None for none.
+        max_retry_time: Seconds an event may keep failing before it is
+            given up (429 answers do not count).
+        max_in_flight: Requests sent at once when there is a backlog.
+        retry_initial_delay: The first backoff ceiling, doubled per failure.
+        retry_max_delay: The largest backoff between two attempts.
+        raise_on_invalid: False turns invalid input into a counted drop.
+        on_error: The error hook, or None.
+        proxy: An HTTP(S) proxy URL, or None for the environment's.
+        verify: TLS verification: True, False or a CA bundle path.
     """
 
     server_key: str = attrs.field(repr=lambda key: repr(mask_key(key)), validator=_check_key)
@@ -182,6 +207,9 @@ class Config:
                 (default ``https://app.produl.tech``).
             environ: Where to read the variables from.
             options: The other options, by name.
+
+        Returns:
+            The validated configuration.
 
         Raises:
             ConfigurationError: When a value is missing or invalid.

@@ -6,9 +6,12 @@ decides when to send (10 queued, 5 s after the last enqueue, the age cap, a
 flush or shutdown), paces itself under the rate limit, and owns the retry
 schedule, so no sleep can outlive a ``flush()`` or shutdown deadline.
 
-Events leave in the order they were queued. Each finished event (delivered
-or dropped) advances ``handled``; a flush waits for ``handled`` to reach the
-number of events that had been queued when the sender saw the request.
+Events start in the order they were queued. With a backlog, up to
+``max_in_flight`` requests go out at once (as many as the rate quota can use
+at the collector's latency), but never two of one visitor, so each visitor's
+events arrive in order. Each event gets a sequence number when the sender
+takes it; a flush waits until every event up to the last one queued when the
+sender saw the request is delivered or dropped.
 """
 
 from __future__ import annotations

@@ -255,10 +255,11 @@ def cmd_send(args: argparse.Namespace) -> int:
         args: Parsed ``event`` or ``pageview`` arguments.
 
     Returns:
-        0 when delivered, 1 otherwise.
+        0 when delivered.
 
     Raises:
-        CommandError: When the event was not delivered.
+        CommandError: When the event was not delivered (``main`` turns it
+            into exit status 1 and a one-line reason).
     """
     from produl_server import Produl  # noqa: PLC0415 -- the client is only needed here
     from produl_server.exceptions import ConfigurationError, InvalidEventError  # noqa: PLC0415
@@ -396,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: The arguments after the program name; ``None`` reads ``sys.argv``.
 
     Returns:
-        The exit status: 0 success, 1 run-time failure, 2 bad arguments.
+        The exit status: 0 success, 1 run-time failure, 2 bad arguments,
+        130 when interrupted with Ctrl-C.
     """
     parser = build_parser()
     try:

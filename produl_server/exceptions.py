@@ -4,8 +4,9 @@ The tree, drawn::
 
     ProdulError
     ├── ConfigurationError   (also ValueError)   bad key, URL or option
-    └── InvalidEventError    (also ValueError)   a track_* call with bad input
-        └── InvalidEventTypeError (also TypeError) ...because of a wrong type
+    ├── InvalidEventError    (also ValueError)   a track_* call with bad input
+    │   └── InvalidEventTypeError (also TypeError) ...because of a wrong type
+    └── DeliveryError        never raised: handed to on_error
 
 Only input problems raise, and they raise in the caller. Delivery problems
 (the network, the collector's answers) never raise: they are logged on the
@@ -30,9 +31,14 @@ class ConfigurationError(ProdulError, ValueError):
 class InvalidEventError(ProdulError, ValueError):
     """A ``track_*`` call was given input that the collector would refuse.
 
+    Args:
+        field: Where the problem is.
+        message: What rule was broken, and how to fix it.
+
     Attributes:
-        field: Where the problem is, as a key path such as ``pr["items"][2]``
-            or an argument name such as ``visitor_id``.
+        field: Where the problem is, as a key path such as
+            ``properties["items"][2]`` or an argument name such as
+            ``visitor_id``.
     """
 
     def __init__(self, field: str, message: str) -> None:
@@ -50,10 +56,16 @@ class InvalidEventTypeError(InvalidEventError, TypeError):
 class DeliveryError(ProdulError):
     """An event could not be delivered; handed to ``on_error``, never raised.
 
+    Args:
+        reason: The stable code, see below.
+        message: A sentence for logs.
+        status: The HTTP status, if the collector answered.
+
     Attributes:
-        reason: A short stable code: ``"rejected"`` (400/413/422 and other
-            4xx), ``"unauthorized"`` (401/403), ``"retries_exhausted"``,
-            ``"queue_full"``, ``"shutdown"`` or ``"invalid"``.
+        reason: A short stable code: ``"rejected"`` (400/413/422, other 4xx,
+            and 3xx, since redirects are not followed), ``"unauthorized"``
+            (401/403), ``"retries_exhausted"``, ``"queue_full"``,
+            ``"shutdown"`` or ``"invalid"``.
         status: The HTTP status the collector answered, if there was one.
     """
 

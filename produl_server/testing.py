@@ -275,6 +275,9 @@ class LocalCollector:
             status: The HTTP status to answer.
             retry_after: Seconds to send in ``Retry-After`` (formatted like
                 ``2`` or ``0.5``); ``None`` sends no header.
+
+        Raises:
+            ValueError: When ``n`` is negative.
         """
         self._server.faults.add(Fault(status, retry_after), n)
 
@@ -283,12 +286,18 @@ class LocalCollector:
 
         Args:
             n: How many POSTs (queued after faults already pending).
+
+        Raises:
+            ValueError: When ``n`` is negative.
         """
         self._server.faults.add(Fault(None), n)
 
     @property
     def latency(self) -> float:
-        """Seconds every POST waits before it is answered (interrupted by :meth:`stop`)."""
+        """Seconds every POST waits before it is answered (interrupted by :meth:`stop`).
+
+        Setting a negative value raises :class:`ValueError`.
+        """
         return self._server.faults.latency
 
     @latency.setter

@@ -13,6 +13,7 @@ def test_exported_names():
         "Config",
         "ConfigurationError",
         "DeliveryError",
+        "ErrorHook",
         "InvalidEventError",
         "InvalidEventTypeError",
         "PageviewData",

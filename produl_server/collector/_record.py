@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import attrs
 
+from produl_server._config import mask_key
 from produl_server._protocol import KEY_HEADER
 
 
@@ -44,18 +45,6 @@ class Headers(Mapping[str, str]):
         return f"Headers({shown!r})"
 
 
-def mask_key(key: str) -> str:
-    """Show at most the last 4 characters of a server key (PROTOCOL.md).
-
-    Args:
-        key: A server key.
-
-    Returns:
-        ``"sk_…a1b2"`` style text that is safe to log.
-    """
-    return "sk_…" + key[-4:] if len(key) > 8 else "sk_…"
-
-
 @attrs.frozen
 class RecordedRequest:
     """One HTTP request the collector received, and how it answered.
@@ -66,7 +55,7 @@ class RecordedRequest:
         headers: The request headers; lookup ignores case.
         body: The raw request body (empty when over the 64 KiB limit).
         status: The status answered, or ``None`` when the connection was
-            dropped without an answer (:meth:`LocalCollector.drop_next`).
+            dropped without an answer (:meth:`~produl_server.testing.LocalCollector.drop_next`).
         client_port: The client's TCP port: equal ports mean one kept-alive
             connection carried both requests.
         time: When the request arrived, in Unix seconds.

@@ -100,6 +100,9 @@ class CollectorServer:
             ``None`` for no limit.
         record_requests: Remember every request (for tests; grows without bound).
         on_event: Called with each stored event, on the connection's thread.
+
+    Raises:
+        ValueError: When ``server_key`` is empty.
     """
 
     def __init__(
