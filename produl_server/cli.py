@@ -27,6 +27,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from produl_server._config import mask_key
 from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
 from produl_server._version import __version__
 from produl_server.collector import (
@@ -37,7 +38,6 @@ from produl_server.collector import (
     StoreError,
 )
 from produl_server.collector._format import describe_stored
-from produl_server.collector._record import mask_key
 
 __all__ = ["main"]
 

@@ -7,9 +7,10 @@ to send events; the client never imports this package.
 
 from __future__ import annotations
 
+from produl_server._config import mask_key
 from produl_server.collector._faults import Fault
 from produl_server.collector._ratelimit import RateLimiter
-from produl_server.collector._record import Headers, RecordedRequest, mask_key
+from produl_server.collector._record import Headers, RecordedRequest
 from produl_server.collector._server import CollectorServer
 from produl_server.collector._store import (
     MemoryStore,
