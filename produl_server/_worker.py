@@ -147,7 +147,7 @@ class Worker:
         self._pending: collections.deque[_Item] = collections.deque()
         self._inflight: list[_Item] = []
         self._lanes = 0
-        self._jobs: queue.SimpleQueue[tuple[_Item, float | None]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[_Item, float | None] | None] = queue.SimpleQueue()
         self._done: collections.deque[tuple[_Item, Outcome]] = collections.deque()
         self._new_flushes: list[threading.Event] = []
         self._flushes: list[tuple[int, threading.Event]] = []
@@ -328,7 +328,10 @@ class Worker:
         """An extra connection: sends what the sender hands it, reports back."""
         jobs = self._jobs
         while True:
-            item, timeout = jobs.get()
+            job = jobs.get()
+            if job is None:  # closed
+                return
+            item, timeout = job
             self._done.append((item, self._attempt(item, timeout)))
             self._wake.set()
 
@@ -599,6 +602,8 @@ class Worker:
                 self._report_lost()
         for _target, done in self._flushes:
             done.set()
+        for _lane in range(self._lanes):
+            self._jobs.put(None)
         if self._transport is not None:
             self._transport.close()
         self._closed_event.set()

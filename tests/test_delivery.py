@@ -496,3 +496,16 @@ def test_events_lost_at_the_shutdown_deadline_reach_the_hook(hung_collector, mak
         produl.track_event("e", {"i": i}, visitor_id="v")
     produl.shutdown(timeout=0.3)
     assert sorted(reported) == [("shutdown", 0), ("shutdown", 1), ("shutdown", 2)]
+
+
+def test_shutdown_ends_every_sender_thread(produl_collector, make_client):
+    before = set(threading.enumerate())
+    produl = make_client(max_in_flight=3)
+    produl.track_event("e", visitor_id="v")
+    mine = [t for t in set(threading.enumerate()) - before if t.name.startswith("produl-server.")]
+    assert len(mine) == 4  # the sender and three lanes
+    produl.shutdown(timeout=5)
+    for thread in mine:
+        thread.join(timeout=10)
+    assert [t for t in mine if t.is_alive()] == []
+    assert [e["n"] for e in produl_collector.events] == ["e"]
