@@ -54,11 +54,15 @@ class Produl:
             delivering what is left.
         request_timeout: Seconds to connect, and to wait for an answer.
         max_requests_per_minute: The client-side pace; ``None`` turns it off.
-        max_retry_time: Seconds an event may keep failing (429, 5xx,
-            network) before it is given up and reported.
-        max_in_flight: Requests sent at once, each on its own kept-alive
-            connection (1 to 32). Two events of one visitor are never in
-            flight together, so each visitor's events arrive in order.
+        max_retry_time: Seconds an event may keep failing (408, 5xx,
+            timeouts, network errors) before it is given up and reported,
+            counted from the start of the outage it failed in. 429 answers
+            never count: the collector asked for patience.
+        max_in_flight: The most requests sent at once, each on its own
+            kept-alive connection (1 to 32). Used only with a backlog, and
+            only as many as the rate quota can use at the measured latency;
+            two events of one visitor are never in flight together, so each
+            visitor's events arrive in order.
         retry_initial_delay: The first backoff ceiling, doubled per failure.
         retry_max_delay: The largest backoff between two attempts.
         raise_on_invalid: ``False`` turns :class:`InvalidEventError` into a
@@ -69,9 +73,12 @@ class Produl:
             shutdown deadline, refused at the door (``queue_full``,
             ``invalid`` with ``raise_on_invalid=False``, after shutdown).
             Delivery problems call it on the sender thread, door refusals on
-            the caller's; it must be quick and must not block.
-        proxy: An HTTP(S) proxy URL. Default: the ``HTTPS_PROXY`` /
-            ``HTTP_PROXY`` / ``NO_PROXY`` environment variables.
+            the caller's, shutdown losses on the thread that shuts down (or
+            the exit hook); it must be quick and must not block.
+        proxy: An HTTP(S) proxy URL, credentials included if it needs
+            them. Default: the ``HTTPS_PROXY`` / ``HTTP_PROXY`` /
+            ``NO_PROXY`` environment variables, never used for a collector
+            on this machine.
         verify: ``False`` to skip TLS verification, or a CA bundle path.
 
     Raises:
@@ -237,8 +244,9 @@ class Produl:
         """Send every queued event now and wait until done or *timeout*.
 
         A flush does not cut short a pause the collector asked for (429
-        ``Retry-After``) or a retry backoff; during an outage ``timeout=None``
-        can therefore wait up to ``max_retry_time``. Called from the sender
+        ``Retry-After``) or a retry backoff: with ``timeout=None`` it waits
+        through an outage (up to ``max_retry_time``) and for as long as 429
+        answers last, so give serverless handlers a timeout. Called from the sender
         thread (an ``on_error`` hook), it returns False at once with a warning.
 
         Args:

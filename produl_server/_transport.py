@@ -15,6 +15,7 @@ import os
 import platform
 import time
 from typing import Any
+from urllib.parse import unquote
 
 import attrs
 import requests.utils
@@ -129,16 +130,20 @@ class Transport:
                 # The trust store requests uses (certifi, or the bundle named
                 # by REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE), unless a path is given.
                 tls["cert_reqs"] = "CERT_REQUIRED"
-                tls["ca_certs"] = (
+                bundle = (
                     config.verify
                     if isinstance(config.verify, str)
                     else os.environ.get("REQUESTS_CA_BUNDLE")
                     or os.environ.get("CURL_CA_BUNDLE")
                     or requests.utils.DEFAULT_CA_BUNDLE_PATH
                 )
+                # requests accepts a directory of hashed certificates too.
+                tls["ca_cert_dir" if os.path.isdir(bundle) else "ca_certs"] = bundle
         manager: urllib3.PoolManager
         if proxy:
             auth = parse_url(proxy).auth
+            # The URL carries them percent-encoded (p%40ss for p@ss).
+            auth = ":".join(unquote(part) for part in auth.split(":", 1)) if auth else None
             proxy_headers = urllib3.make_headers(proxy_basic_auth=auth) if auth else None
             manager = urllib3.ProxyManager(
                 proxy,

@@ -528,7 +528,12 @@ class Worker:
         else:
             self._outage_since = self._outage_since or now
             item.failing_since = item.failing_since or self._outage_since
-        if item.failing_since and now - item.failing_since >= self._config.max_retry_time:
+        rate_limited = outcome.reason == "rate_limited"
+        if (
+            not rate_limited
+            and item.failing_since
+            and now - item.failing_since >= self._config.max_retry_time
+        ):
             self._finish_item(sent=False)
             self._report(
                 item.body,

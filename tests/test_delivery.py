@@ -509,3 +509,15 @@ def test_shutdown_ends_every_sender_thread(produl_collector, make_client):
         thread.join(timeout=10)
     assert [t for t in mine if t.is_alive()] == []
     assert [e["n"] for e in produl_collector.events] == ["e"]
+
+
+def test_a_429_after_an_outage_does_not_end_the_event(produl_collector, make_client):
+    # The event fails with a 500 (its clock starts), then meets 429s for
+    # longer than max_retry_time: it must still be delivered.
+    produl_collector.fail_next(1, status=500)
+    produl_collector.fail_next(6, status=429, retry_after=0.1)
+    produl = make_client(max_retry_time=0.3)
+    produl.track_event("e", visitor_id="v")
+    assert produl.flush(timeout=30)
+    assert [e["n"] for e in produl_collector.events] == ["e"]
+    assert produl.stats.dropped == {}

@@ -97,3 +97,20 @@ def test_error_bodies_are_summarised_for_the_log():
     assert classify(400, body, None).detail == "HTTP 400: n is too long. (field: n)"
     assert classify(400, b"<html>nope</html>", None).detail == "HTTP 400: <html>nope</html>"
     assert classify(400, b"", None).detail == "HTTP 400: no body"
+
+
+def test_proxy_credentials_are_percent_decoded(produl_collector, make_client):
+    proxy = produl_collector.url.replace("http://", "http://ops:p%40ss%20w@")
+    produl = make_client(api_url="http://analytics.internal.example", proxy=proxy)
+    produl.track_event("e", visitor_id="v")
+    assert produl.flush(timeout=10)
+    expected = "Basic " + base64.b64encode(b"ops:p@ss w").decode()
+    assert produl_collector.requests[0].headers["Proxy-Authorization"] == expected
+
+
+def test_a_ca_directory_is_passed_as_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path))
+    transport = Transport(Config.from_env("sk_test_key_1234", "https://c.example.net"))
+    assert transport._pool.ca_cert_dir == str(tmp_path)
+    assert transport._pool.ca_certs is None
+    transport.close()
