@@ -17,7 +17,7 @@ import produl_server
 
 project = "produl-server"
 author = "Produl"
-copyright = "Produl"  # noqa: A001 -- the name Sphinx reads
+copyright = "Produl"
 release = produl_server.__version__
 version = ".".join(release.split(".")[:2])
 
@@ -104,14 +104,11 @@ def _public_alias(app: Any, env: Any, node: Any, contnode: Any) -> Any:
     Type hints name the module an object is defined in; the reference
     documents each object where users import it from. A name a docstring
     uses unqualified (``LocalCollector.drop_next``) is looked up in the
-    public modules. ``ErrorHook``, the private alias of the ``on_error``
-    type, is shown as plain text.
+    public modules.
     """
     if node.get("refdomain") != "py":
         return None
     target = node.get("reftarget", "")
-    if target == "ErrorHook":
-        return contnode
     if target.startswith("produl_server."):
         parts = target.split(".")
         public = [p for p in parts[:-1] if not p.startswith("_")] + parts[-1:]
