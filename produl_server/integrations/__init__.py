@@ -1,0 +1,447 @@
+"""Framework integrations: Django, Flask, Celery, WSGI servers and serverless handlers.
+
+Each submodule imports its framework when it is imported itself, never
+before: ``import produl_server`` stays free of every framework, and none of
+them is a dependency of the package.
+
+* :mod:`produl_server.integrations.django`: middleware configured from
+  ``settings.PRODUL``;
+* :mod:`produl_server.integrations.flask`: the ``ProdulFlask`` extension;
+* :mod:`produl_server.integrations.wsgi`: middleware for any WSGI app, and
+  uWSGI thread detection;
+* :mod:`produl_server.integrations.celery`: flush when a worker or a pool
+  process stops;
+* :mod:`produl_server.integrations.serverless`: flush at the end of each
+  invocation.
+
+This module holds what they share and has no framework import at all: the
+per-request context (a :class:`contextvars.ContextVar`), the
+:class:`ContextualProdul` client that reads it, and the option parsing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import logging
+import re
+import threading
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import attrs
+
+from .._client import Produl
+from .._event import PageviewData
+from .._protocol import MAX_ID, MAX_PATH, MAX_URL
+from ..exceptions import ConfigurationError
+
+__all__ = [
+    "ContextualProdul",
+    "IntegrationOptions",
+    "RequestInfo",
+    "current_request",
+    "request_context",
+]
+
+log = logging.getLogger("produl_server")
+
+#: A visitor id as the integrations hand it to the client.
+VisitorId = str | int
+
+# Characters left as they are when a decoded path is quoted again; the same
+# set browsers leave alone in ``location.pathname``.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+
+
+def quote_path(path: str) -> str:
+    """Percent-encode a decoded request path the way a browser shows it.
+
+    Args:
+        path: A decoded path such as ``/café/menu``.
+
+    Returns:
+        ``/caf%C3%A9/menu``; characters that are already escapes stay as they are.
+    """
+    return urllib.parse.quote(path, safe=_PATH_SAFE)
+
+
+def _as_visitor_id(value: object) -> VisitorId | None:
+    """A visitor id from whatever a visitor-id function returned, or None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        # True/False are ints to Python but never a meaningful visitor.
+        raise TypeError(f"a visitor id must be a str, int or UUID, not {value!r}")
+    if isinstance(value, int | str):
+        return value
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"a visitor id must be a str, int or UUID, not {type(value).__name__}")
+
+
+class RequestInfo:
+    """What an integration knows about the request being handled.
+
+    The visitor id is computed on first use and then kept, because the
+    function behind it may touch the session or the database.
+
+    Args:
+        path: The request path, percent-encoded, starting with ``/``.
+        url: The full URL, e.g. ``https://shop.example/cart``.
+        referrer: The ``Referer`` header, if any.
+        visitor: Returns the visitor id for this request, or ``None``.
+    """
+
+    __slots__ = ("_resolved", "_visitor", "_visitor_id", "path", "referrer", "url")
+
+    def __init__(
+        self,
+        *,
+        path: str | None,
+        url: str | None,
+        referrer: str | None = None,
+        visitor: Callable[[], object] | None = None,
+    ) -> None:
+        # Values the collector would refuse are left out here, so that
+        # filling them in can never make a user's track_event() call fail.
+        if path is not None and (not path.startswith("/") or len(path) > MAX_PATH):
+            path = url = None
+        if url is not None and len(url) > MAX_URL:
+            url = None
+        if referrer is not None and (not referrer or len(referrer) > MAX_URL):
+            referrer = None
+        self.path = path
+        self.url = url
+        self.referrer = referrer
+        self._visitor = visitor
+        self._resolved = visitor is None
+        self._visitor_id: VisitorId | None = None
+
+    def __repr__(self) -> str:
+        return f"<RequestInfo path={self.path!r}>"
+
+    @property
+    def visitor_id(self) -> VisitorId | None:
+        """The visitor id for this request, or ``None`` when there is none.
+
+        A visitor-id function that raises, or returns something that is not
+        an id, is logged and counts as "no visitor": analytics never break a
+        request.
+        """
+        if not self._resolved:
+            self._resolved = True
+            visitor = self._visitor
+            try:
+                value = _as_visitor_id(visitor() if visitor is not None else None)
+            except Exception:
+                log.exception("produl_server: the visitor_id function failed; no visitor id")
+                value = None
+            if isinstance(value, str) and len(value) > MAX_ID:
+                log.warning("produl_server: visitor id longer than %d characters ignored", MAX_ID)
+                value = None
+            self._visitor_id = value
+        return self._visitor_id
+
+    def url_for(self, path: str) -> str | None:
+        """The URL of *path* on the host of this request.
+
+        Args:
+            path: A path starting with ``/``.
+
+        Returns:
+            ``scheme://host`` of the current URL followed by *path*, or
+            ``None`` when the current URL is not known.
+        """
+        if self.url is None:
+            return None
+        parts = urllib.parse.urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+_current: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar(
+    "produl_server_request", default=None
+)
+
+
+def current_request() -> RequestInfo | None:
+    """The :class:`RequestInfo` of the request being handled, if any.
+
+    Returns:
+        The info the integration's middleware set for this request (thread,
+        or asyncio task), or ``None`` outside of a request.
+    """
+    return _current.get()
+
+
+@contextlib.contextmanager
+def request_context(info: RequestInfo) -> Iterator[RequestInfo]:
+    """Make *info* the current request for the code inside the ``with`` block.
+
+    The integrations do this for you; use it for a host they do not cover.
+
+    Args:
+        info: What is known about the request.
+
+    Yields:
+        *info*.
+    """
+    token = _current.set(info)
+    try:
+        yield info
+    finally:
+        _current.reset(token)
+
+
+class ContextualProdul(Produl):
+    """A :class:`~produl_server.Produl` that fills fields from the current request.
+
+    Inside a request handled by one of the integrations, ``track_event``
+    and ``track_pageview`` fill every field you leave out from the request:
+    ``path`` and ``url`` (the URL of a path you give is built on the
+    request's host), ``referrer`` for pageviews, and ``visitor_id`` from the
+    integration's visitor-id function. What you pass always wins. Outside a
+    request it behaves exactly like :class:`~produl_server.Produl`.
+
+    It takes the same arguments as :class:`~produl_server.Produl`.
+    """
+
+    def track_event(
+        self,
+        name: str,
+        properties: dict[str, Any] | None = None,
+        *,
+        visitor_id: str | int | uuid.UUID | None = None,
+        path: str | None = None,
+        url: str | None = None,
+        session_key: str | int | uuid.UUID | None = None,
+    ) -> None:
+        """Queue a custom event, completed from the current request.
+
+        See :meth:`produl_server.Produl.track_event` for the arguments.
+        """
+        info = _current.get()
+        if info is not None:
+            if path is None and url is None:
+                path, url = info.path, info.url
+            elif path is not None and url is None:
+                url = info.url_for(path)
+            if visitor_id is None:
+                visitor_id = info.visitor_id
+        super().track_event(
+            name,
+            properties,
+            visitor_id=visitor_id,
+            path=path,
+            url=url,
+            session_key=session_key,
+        )
+
+    def track_pageview(
+        self,
+        data: PageviewData | None = None,
+        /,
+        *,
+        path: str | None = None,
+        visitor_id: str | int | uuid.UUID | None = None,
+        url: str | None = None,
+        title: str | None = None,
+        referrer: str | None = None,
+        session_key: str | int | uuid.UUID | None = None,
+    ) -> None:
+        """Queue a pageview, completed from the current request.
+
+        A :class:`~produl_server.PageviewData` is sent as it is; keyword
+        arguments left out are filled from the request. See
+        :meth:`produl_server.Produl.track_pageview` for the arguments.
+        """
+        info = _current.get()
+        if data is None and info is not None:
+            if path is None and url is None:
+                path, url = info.path, info.url
+                if referrer is None:
+                    referrer = info.referrer
+            elif path is not None and url is None:
+                url = info.url_for(path)
+            if visitor_id is None:
+                visitor_id = info.visitor_id
+        if data is not None:
+            super().track_pageview(data)
+            return
+        super().track_pageview(
+            path=path,
+            visitor_id=visitor_id,
+            url=url,
+            title=title,
+            referrer=referrer,
+            session_key=session_key,
+        )
+
+
+def _client_parameters() -> frozenset[str]:
+    return frozenset(inspect.signature(Produl.__init__).parameters) - {"self"}
+
+
+def _patterns(name: str, value: object) -> tuple[re.Pattern[str], ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str | re.Pattern):
+        value = [value]
+    if not isinstance(value, Iterable):
+        raise ConfigurationError(f"{name} must be a list of regular expressions, not {value!r}")
+    compiled = []
+    for item in value:
+        if isinstance(item, re.Pattern):
+            compiled.append(item)
+            continue
+        if not isinstance(item, str):
+            raise ConfigurationError(f"{name} must hold regular expressions, not {item!r}")
+        try:
+            compiled.append(re.compile(item))
+        except re.error as exc:
+            raise ConfigurationError(
+                f"{name}: {item!r} is not a regular expression: {exc}"
+            ) from None
+    return tuple(compiled)
+
+
+@attrs.frozen(kw_only=True)
+class IntegrationOptions:
+    """The web integrations' own options, next to the client's.
+
+    Attributes:
+        pageviews: Track a server-side pageview for each successful
+            (2xx) HTML response to a ``GET`` request that has a visitor id.
+        include_paths: Regular expressions matched at the start of the path
+            (``re.match``); when any are given, only matching paths get
+            pageviews.
+        exclude_paths: Regular expressions matched the same way; matching
+            paths never get pageviews. Wins over ``include_paths``.
+        visitor_id: Called with the framework's request object; returns the
+            visitor id, or ``None`` for "do not track this visitor". ``None``
+            means the integration's default (the signed-in user's id).
+        include_query: Keep the query string in the ``url`` of pageviews and
+            events. Off by default: query strings often carry tokens and
+            e-mail addresses.
+    """
+
+    pageviews: bool = False
+    include_paths: tuple[re.Pattern[str], ...] = ()
+    exclude_paths: tuple[re.Pattern[str], ...] = ()
+    visitor_id: Callable[[Any], object] | None = None
+    include_query: bool = False
+
+    def wants_pageview(self, method: str, status: int, content_type: str, path: str) -> bool:
+        """Whether a response earns a pageview (before the visitor id is known).
+
+        Args:
+            method: The request method.
+            status: The response status code.
+            content_type: The response ``Content-Type`` header ('' if none).
+            path: The request path.
+
+        Returns:
+            True for a 2xx HTML answer to a GET on a path the patterns allow.
+        """
+        if not self.pageviews or method != "GET" or not 200 <= status < 300:
+            return False
+        kind = content_type.split(";", 1)[0].strip().lower()
+        if kind not in ("text/html", "application/xhtml+xml"):
+            return False
+        if self.include_paths and not any(p.match(path) for p in self.include_paths):
+            return False
+        return not any(p.match(path) for p in self.exclude_paths)
+
+
+_INTEGRATION_KEYS = frozenset(attrs.fields_dict(IntegrationOptions))
+
+
+def split_options(
+    options: Mapping[str, Any],
+    source: str,
+    resolve: Callable[[str], Any] | None = None,
+) -> tuple[dict[str, Any], IntegrationOptions]:
+    """Split one settings mapping into client arguments and integration options.
+
+    Args:
+        options: Lower-case option names to values.
+        source: Where the options came from, for error messages
+            (e.g. ``settings.PRODUL``).
+        resolve: Turns a dotted path given as ``visitor_id`` into the
+            callable (Django's ``import_string``, say).
+
+    Returns:
+        The keyword arguments for :class:`ContextualProdul`, and the rest.
+
+    Raises:
+        ConfigurationError: An unknown option, or an invalid value.
+    """
+    client_keys = _client_parameters()
+    unknown = sorted(set(options) - client_keys - _INTEGRATION_KEYS)
+    if unknown:
+        valid = ", ".join(sorted(client_keys | _INTEGRATION_KEYS))
+        raise ConfigurationError(f"{source}: unknown option(s) {unknown}; valid: {valid}")
+    client = {key: value for key, value in options.items() if key in client_keys}
+    visitor = options.get("visitor_id")
+    if isinstance(visitor, str):
+        if resolve is None:
+            raise ConfigurationError(f"{source}: visitor_id must be a callable")
+        try:
+            visitor = resolve(visitor)
+        except ImportError as exc:
+            raise ConfigurationError(f"{source}: visitor_id: {exc}") from None
+    if visitor is not None and not callable(visitor):
+        raise ConfigurationError(f"{source}: visitor_id must be callable, not {visitor!r}")
+    flags = {}
+    for flag in ("pageviews", "include_query"):
+        value = options.get(flag, False)
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{source}: {flag} must be True or False, not {value!r}")
+        flags[flag] = value
+    integration = IntegrationOptions(
+        pageviews=flags["pageviews"],
+        include_query=flags["include_query"],
+        include_paths=_patterns("include_paths", options.get("include_paths")),
+        exclude_paths=_patterns("exclude_paths", options.get("exclude_paths")),
+        visitor_id=visitor,
+    )
+    return client, integration
+
+
+_warned_no_threads = threading.Event()
+
+
+def build_client(options: Mapping[str, Any]) -> ContextualProdul:
+    """Build the shared client of a web integration, suited to the host.
+
+    Under a uWSGI that runs Python without thread support, a sender thread
+    would never get to run between requests, so the client is built with
+    ``sync_mode=True`` unless ``sync_mode`` was set explicitly, and a
+    warning says so once per process.
+
+    Args:
+        options: Keyword arguments for :class:`ContextualProdul`.
+
+    Returns:
+        The client.
+
+    Raises:
+        ConfigurationError: A missing key or an invalid option.
+    """
+    options = dict(options)
+    if "sync_mode" not in options:
+        from .wsgi import uwsgi_threads_enabled  # noqa: PLC0415 -- avoid an import cycle
+
+        if uwsgi_threads_enabled() is False:
+            options["sync_mode"] = True
+            if not _warned_no_threads.is_set():
+                _warned_no_threads.set()
+                log.warning(
+                    "produl_server: uWSGI runs without Python threads, so events are sent "
+                    "while the request waits (sync_mode=True). Start uWSGI with "
+                    "--enable-threads to send them in the background."
+                )
+    return ContextualProdul(**options)

@@ -1,0 +1,21 @@
+"""Views of the demo project."""
+
+from django.http import HttpResponse, JsonResponse
+
+from produl_server.integrations.django import get_client
+
+
+def article(request, number):
+    # path, url and visitor_id are filled in from the request.
+    get_client().track_event("article_read", {"number": number})
+    return HttpResponse(f"<h1>Article {number}</h1>")
+
+
+def api_items(request):
+    # A JSON answer: events yes, pageviews no.
+    get_client().track_event("items_listed")
+    return JsonResponse({"items": []})
+
+
+def healthz(request):
+    return HttpResponse("ok", content_type="text/plain")

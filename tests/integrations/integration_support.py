@@ -1,0 +1,135 @@
+"""Helpers for the integration tests: real servers in real subprocesses, on 127.0.0.1.
+
+Every process is started in its own session and its whole process group is
+killed in a ``finally``, so a failing test leaves nothing running. Output goes
+to a file (a full pipe would block the server) and is shown when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import requests
+
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> object:
+    """Poll *condition* until it is truthy; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def app_env(collector, **extra: str) -> dict[str, str]:
+    """The environment of a served app: ours, the collector's URL and key, the apps dir."""
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(APPS) + (os.pathsep + path if path else "")
+    env["PRODUL_API_URL"] = collector.url
+    env["PRODUL_SERVER_KEY"] = collector.server_key
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """A subprocess in its own process group, with its output in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, **popen) -> None:
+        self.log_path = log
+        self._log = open(log, "wb")  # noqa: SIM115 -- closed in kill()
+        self.popen = subprocess.Popen(
+            args,
+            env=env,
+            cwd=str(APPS),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **popen,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"process did not exit within {timeout} s; output:\n{self.output()[-3000:]}"
+            ) from None
+
+    def kill(self) -> None:
+        """Kill the whole group (workers too), reap, close the log; idempotent."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        try:
+            self.popen.wait(10)
+        finally:
+            self._log.close()
+
+
+def wait_http(proc: Proc, url: str, timeout: float = 30.0) -> None:
+    """Wait until *url* answers 200, or fail early if the server died."""
+
+    def ready() -> bool:
+        if not proc.alive():
+            raise AssertionError(f"server exited early:\n{proc.output()[-3000:]}")
+        try:
+            with requests.get(url, timeout=2) as answer:
+                return answer.status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    wait_until(ready, timeout, f"{url} to answer")
+
+
+def require_tool(found: bool, what: str) -> None:
+    """Skip when a host tool is missing, but only outside CI, where it must exist."""
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} is required in CI")
+        pytest.skip(f"{what} is not installed")
+
+
+def redis_command(port: int, *words: str) -> str:
+    """Send one inline command to redis; return the first reply line ('' if refused)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall((" ".join(words) + "\r\n").encode())
+            with sock.makefile("rb") as reply:
+                return reply.readline().decode().strip()
+    except OSError:
+        return ""

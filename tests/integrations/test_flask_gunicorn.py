@@ -1,0 +1,112 @@
+"""Flask under gunicorn --preload with 2 workers: nothing lost, at run time or at SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from integration_support import app_env, wait_http
+
+pytest.importorskip("flask")
+pytest.importorskip("gunicorn")
+
+pytestmark = pytest.mark.slow
+
+N = 100
+
+
+def serve_flask(spawn, collector, **env):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    try:
+        proc = spawn(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--preload",
+                "--workers",
+                "2",
+                "--bind",
+                f"fd://{listener.fileno()}",
+                "--graceful-timeout",
+                "20",
+                "produl_flask_demo:app",
+            ],
+            app_env(collector, **env),
+            name="gunicorn-flask",
+            pass_fds=[listener.fileno()],
+        )
+    finally:
+        listener.close()
+    base = f"http://127.0.0.1:{port}"
+    wait_http(proc, base + "/healthz")
+    return proc, base
+
+
+def hit_items(base: str) -> None:
+    def get(number: int) -> int:
+        # A session per request: each one a new connection, spread over the workers.
+        with (
+            requests.Session() as http,
+            http.get(
+                f"{base}/items/{number}", headers={"X-Customer": f"c{number}"}, timeout=10
+            ) as answer,
+        ):
+            return answer.status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        assert set(pool.map(get, range(N))) == {200}
+
+
+def check_all_delivered(collector, base: str) -> set[int]:
+    events = collector.events
+    items = [e for e in events if e["t"] == "ev"]
+    pageviews = [e for e in events if e["t"] == "pv"]
+    assert sorted(e["pr"]["number"] for e in items) == list(range(N))
+    assert sorted(int(e["p"].rsplit("/", 1)[1]) for e in pageviews) == list(range(N))
+    for event in items:
+        number = event["pr"]["number"]
+        assert event["p"] == f"/items/{number}"
+        assert event["u"] == f"{base}/items/{number}"
+        assert event["vi"] == f"c{number}"
+    return {e["pr"]["pid"] for e in items}
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "running",  # default batching: delivered while the workers serve
+        "sigterm",  # nothing sent before SIGTERM: only the workers' exit flush can deliver
+    ],
+)
+def test_preload_with_two_workers_loses_nothing(spawn, produl_collector, mode):
+    env = {}
+    if mode == "sigterm":
+        env = {
+            "FLASK_PRODUL_FLUSH_AT": "1000",
+            "FLASK_PRODUL_FLUSH_INTERVAL": "600",
+            "FLASK_PRODUL_MAX_DELAY": "600",
+        }
+    proc, base = serve_flask(spawn, produl_collector, **env)
+    hit_items(base)
+    if mode == "running":
+        produl_collector.wait_for(2 * N, timeout=30)
+    else:
+        assert produl_collector.events == []
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(40) == 0, proc.output()[-3000:]
+
+    pids = check_all_delivered(produl_collector, base)
+    assert len(produl_collector.events) == 2 * N
+    assert "not delivered" not in proc.output()
+    print(
+        f"flask/gunicorn --preload ({mode}): {2 * N} tracked by {len(pids)} workers, "
+        f"{len(produl_collector.events)} delivered"
+    )
