@@ -296,22 +296,27 @@ class Worker:
             thread = threading.Thread(target=self._run, name="produl-server.sender", daemon=True)
             try:
                 thread.start()
-                # Lanes start now, on the caller's thread, never later: from
-                # 3.12 a thread cannot be started at interpreter exit.
-                lanes = self._config.max_in_flight
-                for index in range(lanes if lanes > 1 else 0):
-                    lane = threading.Thread(
-                        target=self._lane, name=f"produl-server.sender-{index}", daemon=True
-                    )
-                    lane.start()
-                    self._lanes += 1
             except RuntimeError:
                 # "can't create new thread at interpreter shutdown": a track
                 # call from an atexit handler. Send on the caller's thread.
-                if not thread.is_alive():
-                    self._inline = True
-                    return
+                self._inline = True
+                return
             self._thread = thread
+
+    def _grow_lanes(self, wanted: int) -> int:
+        """Start lanes up to *wanted* (the first backlog starts them); return how many run."""
+        while self._lanes < wanted:
+            lane = threading.Thread(
+                target=self._lane, name=f"produl-server.sender-{self._lanes + 1}", daemon=True
+            )
+            try:
+                lane.start()
+            except RuntimeError:
+                # At interpreter exit (3.12+) no thread can start: carry on
+                # with the lanes there are, or with the sender alone.
+                break
+            self._lanes += 1
+        return self._lanes
 
     def _run(self) -> None:
         while True:
@@ -425,10 +430,12 @@ class Worker:
             self._drain_to = self._pulled + waiting
         if self._transport is None:
             self._transport = self._make_transport(self._config)
-        use_lanes = not inline and self._lanes > 0
+        use_lanes = not inline and self._config.max_in_flight > 1
         while True:
             self._settle_done()
             limit = self._lane_limit() if use_lanes else 1
+            if limit > 1 and limit > self._lanes:
+                limit = max(1, self._grow_lanes(limit))
             if len(self._pending) < 2 * limit and self._drain_to > self._pulled:
                 self._pull(keyed=use_lanes)
                 continue
@@ -469,7 +476,7 @@ class Worker:
         if self._drain_to - self._pulled + len(self._pending) <= self._config.flush_at:
             return 1
         wanted = math.ceil(self._latency * self._target_rate * 1.25)
-        return max(1, min(self._lanes, wanted))
+        return max(1, min(self._config.max_in_flight, wanted))
 
     def _pull(self, *, keyed: bool) -> None:
         with self._lock:  # so that an event is always counted somewhere

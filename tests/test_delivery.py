@@ -500,15 +500,27 @@ def test_events_lost_at_the_shutdown_deadline_reach_the_hook(hung_collector, mak
 
 def test_shutdown_ends_every_sender_thread(produl_collector, make_client):
     before = set(threading.enumerate())
-    produl = make_client(max_in_flight=3)
+    produl = make_client(max_in_flight=3, flush_interval=600)
     produl.track_event("e", visitor_id="v")
-    mine = [t for t in set(threading.enumerate()) - before if t.name.startswith("produl-server.")]
+    assert produl.flush(timeout=10)
+    # No backlog yet: the sender alone, no lane threads.
+    mine = [
+        t for t in set(threading.enumerate()) - before if t.name.startswith("produl-server.sender")
+    ]
+    assert [t.name for t in mine] == ["produl-server.sender"]
+    produl_collector.latency = 0.05  # a backlog at real latency starts the lanes
+    for i in range(40):
+        produl.track_event("e", {"i": i}, visitor_id=f"v{i}")
+    assert produl.flush(timeout=30)
+    mine = [
+        t for t in set(threading.enumerate()) - before if t.name.startswith("produl-server.sender")
+    ]
     assert len(mine) == 4  # the sender and three lanes
     produl.shutdown(timeout=5)
     for thread in mine:
         thread.join(timeout=10)
     assert [t for t in mine if t.is_alive()] == []
-    assert [e["n"] for e in produl_collector.events] == ["e"]
+    assert len(produl_collector.events) == 41
 
 
 def test_a_429_after_an_outage_does_not_end_the_event(produl_collector, make_client):
