@@ -113,7 +113,8 @@ class ProdulMiddleware:
     """WSGI middleware: request context for events, and optional pageviews.
 
     While the wrapped application handles a request (including while its
-    response body is iterated), :meth:`~produl_server.integrations.ContextualProdul.track_event` fills
+    response body is iterated),
+    :meth:`~produl_server.integrations.ContextualProdul.track_event` fills
     ``path``, ``url`` and ``visitor_id`` from the request. With
     ``pageviews=True`` each 2xx HTML answer to a ``GET`` with a visitor id is
     tracked as a pageview once the body has been sent.
