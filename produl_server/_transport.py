@@ -14,11 +14,11 @@ import math
 import os
 import platform
 import time
+import types
 from typing import Any
 from urllib.parse import unquote
 
 import attrs
-import requests.utils
 import urllib3
 from urllib3.util import parse_url
 
@@ -121,7 +121,7 @@ class Transport:
         if proxy is None and not is_loopback(url.host or ""):
             # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as requests reads them; a
             # collector on this machine is never reached through a proxy.
-            proxy = requests.utils.get_environ_proxies(base).get(url.scheme or "https")
+            proxy = _requests_utils().get_environ_proxies(base).get(url.scheme or "https")
         tls: dict[str, Any] = {}
         if url.scheme == "https":
             if config.verify is False:
@@ -135,7 +135,7 @@ class Transport:
                     if isinstance(config.verify, str)
                     else os.environ.get("REQUESTS_CA_BUNDLE")
                     or os.environ.get("CURL_CA_BUNDLE")
-                    or requests.utils.DEFAULT_CA_BUNDLE_PATH
+                    or _requests_utils().DEFAULT_CA_BUNDLE_PATH
                 )
                 # requests accepts a directory of hashed certificates too.
                 tls["ca_cert_dir" if os.path.isdir(bundle) else "ca_certs"] = bundle
@@ -221,6 +221,15 @@ class Transport:
         for connection in list(idle):
             if connection is not None:
                 connection.close()
+
+
+def _requests_utils() -> types.ModuleType:
+    # Imported when first needed, on the sender thread: importing requests
+    # costs tens of milliseconds that a script talking to a local collector,
+    # or its exit, should not pay.
+    import requests.utils  # noqa: PLC0415
+
+    return requests.utils
 
 
 def _describe(exc: BaseException) -> str:

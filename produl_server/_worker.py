@@ -65,6 +65,9 @@ class Stats:
         return sum(self.dropped.values())
 
 
+_UNREAD = object()
+
+
 class _Item:
     __slots__ = ("body", "failing_since", "seq", "visitor")
 
@@ -73,8 +76,9 @@ class _Item:
         #: Position in the queue, from 1: flushes wait up to a position.
         self.seq = seq
         self.failing_since = 0.0
-        #: The visitor id, read only when several requests may be in flight.
-        self.visitor: str | None = None
+        #: The visitor id, read from the body only when several requests
+        #: may be in flight (``_UNREAD`` until then).
+        self.visitor: object = _UNREAD
 
 
 class _Pacer:
@@ -139,6 +143,8 @@ class Worker:
         # which keeps the caller's path to one lock (inside put_nowait).
         self._items = self._queue.queue
         self._wake = threading.Event()
+        #: True while the sender waits for time or lanes, not for events.
+        self._resting = False
         self._lock = threading.Lock()
         self._round_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -215,7 +221,10 @@ class Worker:
         if waiting == 1:
             self._first_enqueue = now
             self._wake.set()
-        elif waiting >= self._config.flush_at and not self._wake.is_set():
+        elif waiting >= self._config.flush_at and not self._resting and not self._wake.is_set():
+            # Skipped while the sender waits for time to pass (the pacer, a
+            # backoff, busy lanes): one more event changes nothing for it,
+            # and waking it per event would cost every request handler.
             self._wake.set()
         if self._inline:
             self._drain_inline(now + self._config.request_timeout, wait=False)
@@ -359,6 +368,7 @@ class Worker:
     def _step(self) -> bool:
         """Do what is due; wait for the next thing. True when closed."""
         self._wake.clear()
+        self._resting = False
         now = _monotonic()
         deadline = self._deadline
         if deadline is not None and (now >= deadline or self._is_empty()):
@@ -440,23 +450,27 @@ class Worker:
             if limit > 1 and limit > self._lanes:
                 limit = max(1, self._grow_lanes(limit))
             if len(self._pending) < 2 * limit and self._drain_to > self._pulled:
-                self._pull(keyed=use_lanes)
+                self._pull()
                 continue
             if not self._pending:
                 break
             now = _monotonic()
             if now < self._not_before:
+                self._resting = True
                 return self._not_before - now
             if deadline is not None and now >= deadline:
                 break
             if len(self._inflight) >= limit:
+                self._resting = True
                 return None  # a lane wakes us when it is done
-            index = self._next_ready() if use_lanes else 0
+            index = self._next_ready() if limit > 1 else 0
             if index is None:
+                self._resting = True
                 return None  # every waiting event's visitor has one in flight
             pause = self._pacer.take(now)
             if pause:
                 self._not_before = now + pause
+                self._resting = True
                 return pause
             item = self._pending[index]
             del self._pending[index]
@@ -481,7 +495,7 @@ class Worker:
         wanted = math.ceil(self._latency * self._target_rate * 1.25)
         return max(1, min(self._config.max_in_flight, wanted))
 
-    def _pull(self, *, keyed: bool) -> None:
+    def _pull(self) -> None:
         with self._lock:  # so that an event is always counted somewhere
             try:
                 body = self._queue.get_nowait()
@@ -491,8 +505,6 @@ class Worker:
             self._pulled += 1
             item = _Item(body, self._pulled)
             self._pending.append(item)
-        if keyed:
-            item.visitor = json.loads(body).get("vi")
 
     def _next_ready(self) -> int | None:
         """The first waiting event that may go now without overtaking its visitor.
@@ -500,8 +512,12 @@ class Worker:
         Several requests in flight can arrive in any order, so two events of
         one visitor are never in flight together: per-visitor order holds.
         """
+        # Everything in flight went through here (a single request in flight
+        # is sent by the sender itself and finished before the next).
         busy = {item.visitor for item in self._inflight}
         for index, item in enumerate(self._pending):
+            if item.visitor is _UNREAD:
+                item.visitor = json.loads(item.body).get("vi")
             if item.visitor is None or item.visitor not in busy:
                 return index
         return None
