@@ -1,0 +1,235 @@
+"""P6, overhead on a real app: a Flask app under gunicorn, with and without tracking.
+
+``bench/_app.py`` serves a small JSON endpoint; with tracking on, each
+request also calls ``track_event`` once (produl's defaults, but a queue that
+holds the whole run). Gunicorn runs one sync worker, a load client in its
+own process (``wrk`` if installed, else ``bench/_load.py``) keeps a few
+connections busy on loopback, and the figure is requests per second. Each
+repeat starts a fresh gunicorn for each variant (untracked first, then
+tracked), warms it up for a second, then measures. The ratio is tracked /
+untracked, paired repeat by repeat. The collector enforces the real quota,
+so during a run produl queues and paces, as it would in a busy app.
+
+Requests per second on a shared 2-core machine swing with whatever else
+runs, so the CPU time gunicorn's processes spent per request (from
+``/proc``, master and worker) is shown as well: it is far less sensitive to
+other load, and its ratio is the overhead the app itself pays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+from bench import _proc
+from bench._collector import CollectorProcess
+from bench._report import Line, Result, Sizes
+from bench._stats import Summary, ratio
+
+PLAIN = "untracked"
+TRACKED = "tracked"
+CONNECTIONS = 4
+_WARMUP_SECONDS = 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of *pid* and its children (gunicorn's master and worker)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    # The worker is the master's child; /proc/PID/task/PID/children is not
+    # in every kernel, so scan for the parent id.
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        pids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    for one in pids:
+        try:
+            with open(f"/proc/{one}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def _get_json(url: str, timeout: float = 5.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback
+        return json.loads(response.read())
+
+
+class _Gunicorn:
+    def __init__(self, track: bool, collector: CollectorProcess) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = _proc.child_env(
+            {
+                "BENCH_TRACK": "1" if track else "0",
+                "BENCH_COLLECTOR": collector.url,
+                "BENCH_KEY": collector.key,
+            }
+        )
+        argv = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--workers",
+            "1",
+            "--worker-class",
+            "sync",
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--log-level",
+            "warning",
+            "--graceful-timeout",
+            "5",
+            "bench._app:app",
+        ]
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=_proc.NEUTRAL_CWD,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise _proc.ChildError(f"gunicorn exited {self.proc.returncode}")
+            try:
+                _get_json(self.base + "/_stats", 1.0)
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise _proc.ChildError("gunicorn did not answer in time")
+
+    def close(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # gunicorn's graceful stop: workers finish and exit
+        _proc.stop(self.proc, grace=8.0)
+        return (
+            self.proc.stderr.read().decode("utf-8", "replace")[-2000:] if self.proc.stderr else ""
+        )
+
+
+def _load(url: str, seconds: float) -> dict[str, float]:
+    wrk = shutil.which("wrk")
+    if wrk:
+        out = subprocess.run(
+            [wrk, "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", url],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=True,
+        ).stdout
+        rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+        errors = re.search(r"Socket errors:.*?timeout (\d+)", out)
+        return {
+            "rps": rate,
+            "errors": float(bad.group(1)) if bad else 0.0,
+            "timeouts": float(errors.group(1)) if errors else 0.0,
+        }
+    out = subprocess.run(
+        [sys.executable, "-m", "bench._load", url, str(seconds), str(CONNECTIONS)],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+        env=_proc.child_env(),
+        cwd=_proc.NEUTRAL_CWD,
+    ).stdout
+    data = json.loads(out.strip().splitlines()[-1])
+    return {"rps": data["requests"] / data["seconds"], "errors": data["errors"], "timeouts": 0.0}
+
+
+def measure(sizes: Sizes) -> dict[str, Any]:
+    """Alternate fresh untracked and tracked servers under the same load."""
+    runs: dict[str, list[dict[str, Any]]] = {PLAIN: [], TRACKED: []}
+    with CollectorProcess(rate_limit=2000) as collector:
+        for _ in range(sizes.p6_repeats):
+            for variant, done in runs.items():
+                server = _Gunicorn(variant == TRACKED, collector)
+                try:
+                    server.wait_ready()
+                    url = server.base + "/invoice/4242"
+                    _load(url, _WARMUP_SECONDS)
+                    cpu = _cpu_seconds(server.proc.pid)
+                    result = _load(url, sizes.p6_seconds)
+                    result["seconds"] = sizes.p6_seconds
+                    result["cpu_s"] = _cpu_seconds(server.proc.pid) - cpu
+                    result["stats"] = _get_json(server.base + "/_stats")
+                finally:
+                    server.close()
+                done.append(result)
+    return {"runs": runs, "client": "wrk" if shutil.which("wrk") else "bench/_load.py"}
+
+
+def run(sizes: Sizes) -> Result:
+    """P6 as a table row."""
+    raw = measure(sizes)
+    runs = raw["runs"]
+    plain = Summary.of([r["rps"] for r in runs[PLAIN]])
+    tracked = Summary.of([r["rps"] for r in runs[TRACKED]])
+    paired = Summary.of(
+        [t["rps"] / p["rps"] for t, p in zip(runs[TRACKED], runs[PLAIN], strict=True)]
+    )
+    dropped = sum(r["stats"].get("dropped", 0) for r in runs[TRACKED])
+    cpu = {
+        v: Summary.of([r["cpu_s"] * 1e6 / max(r["rps"] * r["seconds"], 1) for r in rs])
+        for v, rs in runs.items()
+    }
+    errors = sum(r["errors"] + r["timeouts"] for rs in runs.values() for r in rs)
+    lines = [
+        Line(
+            "P6",
+            "Flask + gunicorn, requests/s with 1 event each",
+            tracked.show("req/s", 3),
+            f"untracked {plain.show('req/s', 3)}",
+            "",
+            f"{paired.median:.1%} ({paired.low:.1%}..{paired.high:.1%}) of untracked",
+            "≥ 97% of untracked",
+            paired.median >= 0.97 and dropped == 0 and errors == 0,
+        ),
+        Line(
+            "P6",
+            "gunicorn CPU per request (master + worker)",
+            cpu[TRACKED].show("µs", 3),
+            f"untracked {cpu[PLAIN].show('µs', 3)}",
+            "",
+            f"{ratio(cpu[TRACKED].median, cpu[PLAIN].median):.2f}x untracked",
+            "(reported)",
+            None,
+        ),
+    ]
+    queued = Summary.of([r["stats"].get("queued", 0) for r in runs[TRACKED]]).median
+    notes = [
+        (__doc__ or "").split("\n\n", 1)[1].strip(),
+        f"Load client: {raw['client']}, {CONNECTIONS} connections; {sizes.p6_repeats} "
+        f"repeats of {sizes.p6_seconds:g} s per variant. Events queued per tracked run "
+        f"(median): {queued:,.0f}; dropped in all tracked runs: {dropped}; failed "
+        f"requests in all runs: {errors:.0f}.",
+    ]
+    return Result("P6", "overhead on a Flask app under gunicorn", lines, notes, raw)
