@@ -101,16 +101,18 @@ class Proc:
             self._log.close()
 
 
-def wait_http(proc: Proc, url: str, timeout: float = 30.0) -> None:
+def wait_http(proc: Proc, url: str, timeout: float = 60.0) -> None:
     """Wait until *url* answers 200, or fail early if the server died."""
 
     def ready() -> bool:
         if not proc.alive():
             raise AssertionError(f"server exited early:\n{proc.output()[-3000:]}")
         try:
-            with requests.get(url, timeout=2) as answer:
+            # A worker that is still importing the app on a loaded machine
+            # can take a while to answer its first request: keep polling.
+            with requests.get(url, timeout=10) as answer:
                 return answer.status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             return False
 
     wait_until(ready, timeout, f"{url} to answer")
