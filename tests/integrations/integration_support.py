@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,3 +136,37 @@ def redis_command(port: int, *words: str) -> str:
                 return reply.readline().decode().strip()
     except OSError:
         return ""
+
+
+def serve_gunicorn(spawn, env: dict[str, str], app: str, *options: str, name: str):
+    """Serve *app* with gunicorn on a free loopback port; return (proc, base URL).
+
+    The socket is bound here and handed over (``fd://``), so the port is
+    known before gunicorn starts and no other process can take it.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    try:
+        proc = spawn(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--bind",
+                f"fd://{listener.fileno()}",
+                "--graceful-timeout",
+                "20",
+                *options,
+                app,
+            ],
+            env,
+            name=name,
+            pass_fds=[listener.fileno()],
+        )
+    finally:
+        listener.close()
+    base = f"http://127.0.0.1:{port}"
+    wait_http(proc, base + "/healthz")
+    return proc, base

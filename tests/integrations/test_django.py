@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import sys
 
 import pytest
 import requests
-from integration_support import app_env, wait_http
+from integration_support import app_env, serve_gunicorn
 
 pytest.importorskip("django")
 pytest.importorskip("gunicorn")
@@ -20,38 +18,14 @@ N = 30
 
 
 def serve_django(spawn, collector, **options):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    port = listener.getsockname()[1]
     env = app_env(collector, DEMO_PRODUL_OPTIONS=json.dumps(options))
-    try:
-        proc = spawn(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--bind",
-                f"fd://{listener.fileno()}",
-                "--workers",
-                "2",
-                "--threads",
-                "2",
-                "--worker-class",
-                "gthread",
-                "--graceful-timeout",
-                "20",
-                "produl_django_demo.wsgi",
-            ],
-            env,
-            name="gunicorn-django",
-            pass_fds=[listener.fileno()],
-        )
-    finally:
-        listener.close()
-    base = f"http://127.0.0.1:{port}"
-    wait_http(proc, base + "/healthz")
-    return proc, base
+    return serve_gunicorn(
+        spawn,
+        env,
+        "produl_django_demo.wsgi",
+        *("--workers", "2", "--threads", "2", "--worker-class", "gthread"),
+        name="gunicorn-django",
+    )
 
 
 def test_requests_become_pageviews_and_events_with_the_request_path(spawn, produl_collector):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import signal
-import socket
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from integration_support import app_env, wait_http
+from integration_support import app_env, serve_gunicorn
 
 pytest.importorskip("flask")
 pytest.importorskip("gunicorn")
@@ -20,34 +18,13 @@ N = 100
 
 
 def serve_flask(spawn, collector, **env):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
-    port = listener.getsockname()[1]
-    try:
-        proc = spawn(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--preload",
-                "--workers",
-                "2",
-                "--bind",
-                f"fd://{listener.fileno()}",
-                "--graceful-timeout",
-                "20",
-                "produl_flask_demo:app",
-            ],
-            app_env(collector, **env),
-            name="gunicorn-flask",
-            pass_fds=[listener.fileno()],
-        )
-    finally:
-        listener.close()
-    base = f"http://127.0.0.1:{port}"
-    wait_http(proc, base + "/healthz")
-    return proc, base
+    return serve_gunicorn(
+        spawn,
+        app_env(collector, **env),
+        "produl_flask_demo:app",
+        *("--preload", "--workers", "2"),
+        name="gunicorn-flask",
+    )
 
 
 def hit_items(base: str) -> None:
