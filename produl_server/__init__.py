@@ -7,13 +7,11 @@
 True
 """
 
-import logging
-
 from ._client import Produl
 from ._config import Config, ErrorHook
 from ._event import PageviewData
+from ._ledger import Stats
 from ._version import __version__
-from ._worker import Stats
 from .exceptions import (
     ConfigurationError,
     DeliveryError,
@@ -22,9 +20,10 @@ from .exceptions import (
     ProdulError,
 )
 
-# Libraries add a NullHandler and nothing else; the application decides
-# where logs go.
-logging.getLogger("produl_server").addHandler(logging.NullHandler())
+# No handler of our own, not even a NullHandler: an application that set up
+# no logging then gets our warnings and errors (lost events above all) on
+# stderr through the stdlib's last-resort handler; one that configured
+# logging decides where they go.
 
 __all__ = [
     "Config",

@@ -18,7 +18,8 @@ from typing import Any
 
 from ._config import Config, ErrorHook, mask_key
 from ._event import PageviewData, encode_event, encode_pageview
-from ._worker import Stats, Worker
+from ._ledger import Stats
+from ._worker import Worker
 from .exceptions import InvalidEventError
 
 # Workers, not clients: a client that was garbage-collected with events
@@ -196,7 +197,7 @@ class Produl:
             self._refuse(exc, {"t": "pv", "p": path, "vi": visitor_id})
             return
         if self._enabled:
-            self._worker.put(body)
+            self._worker.put(body, _visitor_key(visitor_id))
 
     def track_event(
         self,
@@ -233,7 +234,7 @@ class Produl:
             self._refuse(exc, {"t": "ev", "n": name, "vi": visitor_id})
             return
         if self._enabled:
-            self._worker.put(body)
+            self._worker.put(body, _visitor_key(visitor_id))
 
     def _refuse(self, error: InvalidEventError, call: dict[str, Any]) -> None:
         if self._raise:
@@ -289,6 +290,13 @@ class Produl:
         tb: TracebackType | None,
     ) -> None:
         self.shutdown()
+
+
+def _visitor_key(visitor_id: object) -> str | None:
+    """The visitor as the sender orders its events: the wire's string."""
+    if visitor_id is None or type(visitor_id) is str:
+        return visitor_id
+    return str(visitor_id)
 
 
 def _flush_at_exit() -> None:

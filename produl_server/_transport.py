@@ -1,8 +1,13 @@
-"""One POST per event over a kept-alive connection, and what each answer means.
+"""One POST per event over a pool of kept-alive connections, and what each answer means.
 
 The transport never sleeps and never retries on its own (urllib3's ``Retry``
 backoff could outlive a ``flush()`` deadline); it reports an :class:`Outcome`
 and the worker owns the schedule.
+
+Every answer is bounded: at most :data:`MAX_ANSWER` bytes of a body are
+read, the whole request has one deadline (not one per socket read), and a
+message the server wrote is cut to :data:`MAX_MESSAGE` characters with its
+control characters escaped before it reaches a log line or an error.
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ from ._protocol import COLLECT_PATH, KEY_HEADER
 from ._version import __version__
 
 log = logging.getLogger("produl_server")
+
+#: The most bytes of an answer's body that are read; the rest is discarded
+#: with the connection.
+MAX_ANSWER = 64 * 1024
+#: The most characters of a server-provided message that are shown.
+MAX_MESSAGE = 200
+_CHUNK = 8 * 1024
 
 USER_AGENT = (
     f"produl-server-python/{__version__} "
@@ -90,10 +102,21 @@ def _parse_retry_after(value: str | None) -> float | None:
 def _error_message(status: int, body: bytes) -> str:
     try:
         data = json.loads(body)
-        message = f"{data['message']} (field: {data.get('field', '-')})"
-    except (ValueError, TypeError, KeyError):
-        message = body[:200].decode("utf-8", "replace") or "no body"
+        message = f"{_shown(data['message'])} (field: {_shown(data.get('field', '-'))})"
+    except (ValueError, TypeError, KeyError, RecursionError):
+        message = _shown(body[: MAX_MESSAGE * 4].decode("utf-8", "replace")) or "no body"
     return f"HTTP {status}: {message}"
+
+
+def _shown(value: object) -> str:
+    """A server-provided value, safe for one log line: short, controls escaped."""
+    text = value if isinstance(value, str) else str(value)
+    cut = len(text) > MAX_MESSAGE
+    text = text[:MAX_MESSAGE]
+    escaped = "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+    return escaped + "…" if cut else escaped
 
 
 class Transport:
@@ -173,12 +196,13 @@ class Transport:
             timeout: Seconds for connect and for read; the configured
                 ``request_timeout`` when ``None``.
         """
-        if timeout is None or timeout >= self._timeout:
+        budget = self._timeout if timeout is None else max(min(timeout, self._timeout), 0.001)
+        if budget >= self._timeout:
             limit = self._default_timeout
         else:
-            seconds = max(timeout, 0.001)
-            limit = urllib3.Timeout(connect=seconds, read=seconds)
+            limit = urllib3.Timeout(connect=budget, read=budget)
         started = time.perf_counter()
+        deadline = time.monotonic() + budget
         try:
             response = self._pool.urlopen(
                 "POST",
@@ -189,13 +213,15 @@ class Transport:
                 redirect=False,
                 timeout=limit,
                 assert_same_host=False,
+                preload_content=False,
             )
+            data = _read_bounded(response, deadline)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             detail = f"{type(exc).__name__}: {_describe(exc)}"
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("POST %s failed after %.1f ms: %s", self._display, _ms(started), detail)
             return Outcome(Verdict.RETRY, None, None, "network", detail)
-        outcome = classify(response.status, response.data, response.headers.get("Retry-After"))
+        outcome = classify(response.status, data, response.headers.get("Retry-After"))
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "POST %s -> %d in %.1f ms (%s)",
@@ -223,6 +249,35 @@ class Transport:
                 connection.close()
 
 
+def _read_bounded(response: Any, deadline: float) -> bytes:
+    """Read at most :data:`MAX_ANSWER` bytes of the body, before *deadline*.
+
+    A body that is longer, or still coming at the deadline, is cut: its
+    connection is closed instead of going back to the pool, so an endless
+    or dripping answer can hold neither memory nor the sender.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    complete = False
+    try:
+        while size <= MAX_ANSWER and time.monotonic() < deadline:
+            chunk = response.read(_CHUNK)
+            if not chunk:
+                complete = True
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except (urllib3.exceptions.HTTPError, OSError):
+        # The status line and headers arrived: the answer stands on them.
+        complete = False
+    if complete:
+        response.release_conn()
+    else:
+        response.close()
+        response.release_conn()
+    return b"".join(chunks)[:MAX_ANSWER]
+
+
 def _requests_utils() -> types.ModuleType:
     # Imported when first needed, on the sender thread: importing requests
     # costs tens of milliseconds that a script talking to a local collector,
@@ -234,8 +289,12 @@ def _requests_utils() -> types.ModuleType:
 
 def _describe(exc: BaseException) -> str:
     # urllib3 messages can embed the pool repr; keep it short and key-free.
+    # Never the repr of a header value: a UnicodeEncodeError holds the whole
+    # string it could not encode.
+    if isinstance(exc, UnicodeError):
+        return "a header or the body could not be encoded"
     text = str(exc.args[-1] if exc.args else exc)
-    return text[:200]
+    return _shown(text)
 
 
 def _ms(started: float) -> float:

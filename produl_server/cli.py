@@ -407,6 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else USAGE
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    quiet = logging.NullHandler()
+    if not args.verbose and args.command not in ("collector", "demo"):
+        # These commands report the outcome in one line of their own; the
+        # library's records would repeat it (--verbose shows them).
+        logging.getLogger("produl_server").addHandler(quiet)
     try:
         if args.command == "collector":
             return cmd_collector(args)
@@ -426,3 +431,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    finally:
+        logging.getLogger("produl_server").removeHandler(quiet)

@@ -1,0 +1,166 @@
+"""When to send: pure scheduling rules, with the time passed in.
+
+Nothing here sleeps, reads a clock or does I/O: every method takes ``now``
+(seconds on a monotonic clock) and answers with a number of seconds. The
+sender reads the clock and sleeps; the unit tests pass numbers and check
+the answers, so every rule is tested in microseconds.
+
+- :class:`Batching`: a batch is due at ``flush_at`` queued events, or
+  ``flush_interval`` after the last enqueue, capped at ``max_delay`` after
+  the first.
+- :class:`RollingQuota`: at most N requests in any rolling window (the
+  API's "2,000 requests per minute per IP"). A burst of up to N goes out at
+  once; request N+1 waits until the oldest one leaves the window.
+- :class:`Schedule`: the above, plus the backoff (exponential, full jitter,
+  ``Retry-After`` first) and the outage clock behind ``max_retry_time``.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import random
+from collections.abc import Callable
+
+from ._config import Config
+
+#: The quota window, with a margin for the request's trip to the collector:
+#: a request sent just inside our window may arrive just outside the API's.
+QUOTA_WINDOW = 61.0
+
+
+class Batching:
+    """The three batch triggers."""
+
+    def __init__(self, flush_at: int, flush_interval: float, max_delay: float) -> None:
+        self.flush_at = flush_at
+        self.flush_interval = flush_interval
+        self.max_delay = max_delay
+
+    def due_in(self, now: float, waiting: int, first_at: float, last_at: float) -> float | None:
+        """0 when a batch is due; else the seconds until one is, or None for never.
+
+        Args:
+            now: The current time.
+            waiting: Events queued and not yet taken by the sender.
+            first_at: When the oldest of them was queued.
+            last_at: When the newest of them was queued.
+        """
+        if waiting >= self.flush_at:
+            return 0.0
+        if not waiting:
+            return None
+        due_at = min(last_at + self.flush_interval, first_at + self.max_delay)
+        return max(0.0, due_at - now)
+
+
+class RollingQuota:
+    """At most *limit* requests in any rolling *window* seconds."""
+
+    def __init__(self, limit: int | None, window: float = QUOTA_WINDOW) -> None:
+        self.limit = limit
+        self.window = window
+        self._sent: collections.deque[float] = collections.deque()
+
+    def wait(self, now: float) -> float:
+        """Seconds until one more request fits (0: it fits now)."""
+        if self.limit is None:
+            return 0.0
+        sent = self._sent
+        horizon = now - self.window
+        while sent and sent[0] <= horizon:
+            sent.popleft()
+        if len(sent) < self.limit:
+            return 0.0
+        return sent[0] - horizon
+
+    def take(self, now: float) -> float:
+        """Use one request of the quota if it fits; else the seconds to wait."""
+        wait = self.wait(now)
+        if not wait and self.limit is not None:
+            self._sent.append(now)
+        return wait
+
+    @property
+    def used(self) -> int:
+        """Requests counted in the window (as of the last call)."""
+        return len(self._sent)
+
+
+class Verdict(enum.Enum):
+    """What to do with an event after a failed attempt."""
+
+    RETRY = "retry"
+    GIVE_UP = "give_up"
+
+
+class Schedule:
+    """Batching, pacing, backoff and the outage clock of one sender.
+
+    Args:
+        config: The client's configuration.
+        uniform: The jitter source, ``random.uniform`` by default.
+    """
+
+    def __init__(
+        self, config: Config, uniform: Callable[[float, float], float] = random.uniform
+    ) -> None:
+        self.batching = Batching(config.flush_at, config.flush_interval, config.max_delay)
+        self.quota = RollingQuota(config.max_requests_per_minute)
+        self._initial = config.retry_initial_delay
+        self._max = config.retry_max_delay
+        self._max_retry_time = config.max_retry_time
+        self._uniform = uniform
+        #: Consecutive failures: the backoff grows with them.
+        self.failures = 0
+        #: No request before this time (a backoff or a Retry-After).
+        self.not_before = 0.0
+        #: When the collector stopped answering; 0 while it answers.
+        self.outage_since = 0.0
+
+    def gate(self, now: float) -> float:
+        """0 and one request of the quota used, or the seconds to wait first."""
+        if now < self.not_before:
+            return self.not_before - now
+        return self.quota.take(now)
+
+    def answered(self) -> None:
+        """The collector answered (2xx, or a definitive 4xx): no outage."""
+        self.failures = 0
+        self.outage_since = 0.0
+
+    def failed(
+        self,
+        now: float,
+        *,
+        rate_limited: bool,
+        retry_after: float | None,
+        failing_since: float,
+    ) -> tuple[Verdict, float, float]:
+        """Judge one failed attempt of an event that has failed since *failing_since*.
+
+        A 429 never uses up retry time: the collector asked for patience. Any
+        other failure starts the outage clock, and an event's retry time runs
+        from the start of the outage it failed in, so in a long outage each
+        later event gets one attempt and the queue keeps draining.
+
+        Returns:
+            The verdict, the pause before the next attempt, and the event's
+            new ``failing_since`` (0 when its clock does not run).
+        """
+        if rate_limited:
+            self.outage_since = 0.0
+        else:
+            self.outage_since = self.outage_since or now
+            failing_since = failing_since or self.outage_since
+            if now - failing_since >= self._max_retry_time:
+                return Verdict.GIVE_UP, 0.0, failing_since
+        self.failures += 1
+        pause = self.backoff() if retry_after is None else retry_after
+        self.not_before = max(self.not_before, now + pause)
+        return Verdict.RETRY, pause, failing_since
+
+    def backoff(self) -> float:
+        """Full jitter under a ceiling that doubles per failure, up to ``retry_max_delay``."""
+        ceiling = self._initial * 2 ** min(max(self.failures - 1, 0), 30)
+        return self._uniform(0.0, min(self._max, ceiling))

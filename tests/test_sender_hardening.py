@@ -1,0 +1,267 @@
+"""Regression tests for the sender's share of the hardening review (issue 9).
+
+Each one reproduces the situation for real: a LocalCollector, a raw-socket
+stub server on 127.0.0.1 for answers no honest server gives, or a real
+subprocess for what happens at exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from produl_server import DeliveryError, Produl
+
+
+class StubServer:
+    """Answers every connection with the bytes *answer* returns, on 127.0.0.1."""
+
+    def __init__(self, answer):
+        self._answer = answer
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._stop = threading.Event()
+        self.requests = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn):
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                while len(body) < length:
+                    body += conn.recv(65536)
+                self.requests += 1
+                self._answer(conn, self._stop)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+
+@pytest.fixture(name="stub")
+def _stub():
+    made = []
+
+    def make(answer):
+        server = StubServer(answer)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def endless_chunked_body(conn, stop):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+    sent = 0
+    with contextlib.suppress(OSError):
+        while not stop.is_set() and sent < 2 * 1024**3:
+            conn.sendall(chunk)
+            sent += len(chunk)
+
+
+def test_an_endless_answer_is_cut_at_64_kib_and_the_event_counts_as_sent(stub):
+    server = stub(endless_chunked_body)
+    produl = Produl(server_key="sk_test_key_0000", api_url=server.url, request_timeout=2)
+    produl.track_event("e", visitor_id="v")
+    # The 2xx status stands; the body is cut, its connection closed.
+    assert produl.flush(timeout=30) is True
+    assert produl.stats.sent == 1
+    produl.shutdown(timeout=1)
+    assert produl.stats.pending == 0
+
+
+def huge_400(conn, stop):
+    message = "bad\nFORGED LOG LINE\x1b[31m " + "y" * 5_000_000
+    body = '{"message": "' + message.replace("\n", "\\n").replace("\x1b", "\\u001b") + '"}'
+    data = body.encode()
+    conn.sendall(
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(data)
+    )
+    with contextlib.suppress(OSError):
+        conn.sendall(data)
+
+
+def test_a_huge_error_message_is_truncated_and_escaped(stub, caplog):
+    server = stub(huge_400)
+    reported: list[DeliveryError] = []
+    produl = Produl(
+        server_key="sk_test_key_0000",
+        api_url=server.url,
+        on_error=lambda error, event: reported.append(error),
+    )
+    produl.track_event("e", visitor_id="v")
+    assert produl.flush(timeout=30) is True
+    produl.shutdown(timeout=1)
+    (error,) = reported
+    assert error.reason == "rejected"
+    text = str(error)
+    assert len(text) < 600
+    assert "\n" not in text
+    assert "\x1b" not in text
+    assert "\\n" in text  # shown escaped, not dropped
+    for record in caplog.records:
+        assert "\n" not in record.getMessage()
+        assert len(record.getMessage()) < 1000
+
+
+def test_a_hook_that_calls_sys_exit_cannot_end_the_sender(produl_collector, make_client, caplog):
+    def hook(error, event):
+        sys.exit(3)
+
+    produl = make_client(on_error=hook)
+    produl_collector.fail_next(1, status=400)
+    produl.track_event("refused", visitor_id="v")
+    assert produl.flush(timeout=10)
+    for i in range(3):
+        produl.track_event("after", {"i": i}, visitor_id="v")
+    assert produl.flush(timeout=10)
+    assert [e["pr"]["i"] for e in produl_collector.events] == [0, 1, 2]
+    assert "the on_error hook raised" in caplog.text
+
+
+def test_sync_mode_a_hook_that_flushes_returns_false_at_once(produl_collector, make_client):
+    results: list[bool] = []
+    produl = make_client(sync_mode=True)
+
+    def hook(error, event):
+        results.append(produl.flush(timeout=None))
+
+    produl = make_client(sync_mode=True, on_error=hook)
+    produl_collector.fail_next(1, status=400)
+    done = threading.Event()
+    # On a thread, so that a hang fails the test instead of freezing it.
+    worker = threading.Thread(
+        target=lambda: (produl.track_event("e", visitor_id="v"), done.set()), daemon=True
+    )
+    worker.start()
+    assert done.wait(20), "the hook's flush() hung"
+    assert results == [False]
+
+
+def test_sync_mode_flush_waits_no_longer_than_its_timeout(produl_collector, make_client):
+    produl = make_client(sync_mode=True)
+    produl_collector.latency = 3.0
+    sending = threading.Thread(target=lambda: produl.track_event("slow", visitor_id="v"))
+    sending.start()
+    produl_collector.wait_for_held(1, timeout=20)
+    started = time.monotonic()
+    # Another thread's request holds the line for 3 s: this flush may not wait for it.
+    assert produl.flush(timeout=0.2) is False
+    assert time.monotonic() - started < 2.0
+    sending.join(30)
+    assert [e["n"] for e in produl_collector.events] == ["slow"]
+
+
+def test_stats_add_up_after_a_lossy_shutdown(hung_collector, make_client):
+    reported = []
+    produl = make_client(
+        api_url=hung_collector.url,
+        flush_interval=600,
+        on_error=lambda e, ev: reported.append(e.reason),
+    )
+    for i in range(3):
+        produl.track_event("e", {"i": i}, visitor_id="v")
+    produl.shutdown(timeout=1)
+    stats = produl.stats
+    assert stats.queued == 3
+    assert stats.pending == 0
+    assert stats.sent == 0
+    assert stats.dropped == {"shutdown": 3}
+    assert stats.queued == stats.sent + stats.dropped_total
+    assert reported == ["shutdown"] * 3
+
+
+def test_shutdown_from_the_hook_lets_the_sender_deliver_until_the_deadline(
+    produl_collector, make_client
+):
+    produl: Produl
+
+    def hook(error, event):
+        produl.shutdown()
+
+    produl = make_client(on_error=hook, flush_interval=600, shutdown_timeout=10)
+    produl_collector.fail_next(1, status=400)
+    produl.track_event("refused", visitor_id="v")
+    produl.track_event("kept", visitor_id="v")
+    produl.flush(timeout=0)  # start sending; the hook runs on the sender
+    events = produl_collector.wait_for(1, timeout=20)
+    assert [e["n"] for e in events] == ["kept"]
+    # Shut down from its own hook, the sender ends once nothing is left.
+    sender = next(t for t in threading.enumerate() if t.name == "produl-server.sender")
+    sender.join(20)
+    assert not sender.is_alive()
+    stats = produl.stats
+    assert stats.sent == 1
+    assert stats.dropped == {"rejected": 1}
+
+
+def run_script(code: str, *env_pairs: tuple[str, str], timeout: float = 60):
+    env = {"PYTHONPATH": ":".join(sys.path), "PATH": "/usr/bin:/bin"}
+    env.update(dict(env_pairs))
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def test_a_loss_at_exit_reaches_stderr_with_no_logging_configured():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nobody answers
+    result = run_script(
+        f"""
+        from produl_server import Produl
+        produl = Produl(server_key="sk_test_key_0000", api_url="http://127.0.0.1:{port}",
+                        shutdown_timeout=0.5)
+        for i in range(20):
+            produl.track_event("e", {{"i": i}}, visitor_id="v")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "20 event(s) not delivered before the shutdown deadline" in result.stderr
+    assert "flush()" in result.stderr
+
+
+def test_the_plain_http_warning_reaches_stderr_with_no_logging_configured():
+    result = run_script(
+        """
+        from produl_server import Produl
+        Produl(server_key="sk_test_key_0000", api_url="http://collector.example", enabled=False)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "plain http" in result.stderr
