@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import unicodedata
 from collections.abc import Callable, Mapping
@@ -49,11 +50,10 @@ MAX_RATE = 1_000_000
 
 
 def _show(value: object) -> str:
-    """repr() for an error message; a huge int's repr would itself raise."""
-    try:
-        return repr(value)
-    except ValueError:  # an int over sys.get_int_max_str_digits() digits
-        return "a very large integer"
+    """repr() for an error message, short even for a huge int (whose repr may raise)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return repr(value)
 
 
 def _seconds(name: str, value: float, *, allow_zero: bool = False) -> None:

@@ -163,6 +163,10 @@ def test_unreachable_collector_fails_within_the_timeout() -> None:
         (["pageview", "/p"], "--visitor-id"),
         (["pageview", "no-slash", "--visitor-id", "u"], "invalid input"),
         (["event", "x", "--timeout", "soon"], "--timeout"),
+        # Issue #9, item 4: a huge timeout used to pass, then overflow a wait.
+        (["event", "x", "--timeout", "1e10"], "at most 86400, not '1e10'"),
+        (["event", "x", "--timeout", "nan"], "--timeout"),
+        (["event", "x", "--timeout", "0"], "more than 0"),
         (["collector", "--port", "99999"], "port"),
         (["collector", "--rate-limit", "lots"], "'off'"),
         (["events", "--limit", "0"], "positive"),
