@@ -208,6 +208,26 @@ def test_a_key_outside_printable_ascii_is_one_line_without_the_key(
     assert not produl_collector.requests
 
 
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["event", "caf\udce9", "--visitor-id", "u1"], "name: contains a lone surrogate U+DCE9"),
+        (["event", "e", "--visitor-id", "\udcff"], "visitor_id: contains a lone surrogate"),
+        (["event", "e", "--prop", "k=caf\udce9"], 'properties["k"]: contains a lone'),
+        (["event", "e", "--prop", "caf\udce9=1"], 'properties["caf\\udce9"]: the key'),
+        (["pageview", "/p", "--visitor-id", "u", "--title", "\udce9"], "title: contains a"),
+        (["event", "e", "--props-json", '{"n": 1e999}'], 'properties["n"]: inf is not a finite'),
+    ],
+)
+def test_undecodable_bytes_in_argv_are_one_line_and_exit_2(
+    args: list[str], text: str, produl_collector: LocalCollector, env: dict[str, str]
+) -> None:
+    """Issue #9, item 3: a byte that is not UTF-8 used to print a traceback."""
+    result = run(*args, env=env)
+    assert_one_line_error(result, 2, f"invalid input: {text}")
+    assert not produl_collector.requests
+
+
 def test_credentials_in_the_api_url_are_one_line_without_the_password(env: dict[str, str]) -> None:
     """Issue #9, item 2: refused, and the password is not repeated."""
     url = "http://user:Pr0xyPassw0rd@127.0.0.1:9"
