@@ -9,6 +9,7 @@ import os
 import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import unquote
 
 import attrs
 from urllib3.util import parse_url
@@ -179,6 +180,39 @@ def _check_proxy(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> No
             f"proxy must be an http:// or https:// URL with a host, not {mask_url(value)!r} "
             "(percent-escape @, /, # or : in its user name or password)"
         )
+    _check_proxy_credentials(value)
+
+
+def proxy_credentials(proxy: str) -> tuple[str, str] | None:
+    """The user name and password of a proxy URL, percent-escapes decoded.
+
+    Args:
+        proxy: A proxy URL that ``urllib3.util.parse_url`` accepts.
+
+    Returns:
+        ``(user, password)``, or None when the URL has no credentials.
+    """
+    auth = parse_url(proxy).auth
+    if not auth:
+        return None
+    # The URL carries them percent-encoded (p%40ss for p@ss).
+    user, _colon, password = auth.partition(":")
+    return unquote(user), unquote(password)
+
+
+def _check_proxy_credentials(proxy: str) -> None:
+    # Basic authentication sends Latin-1 (urllib3's make_headers); anything
+    # else raised UnicodeEncodeError, holding the password, on every send.
+    user, password = proxy_credentials(proxy) or ("", "")
+    if ":" in user:  # from %3A: the proxy would split it as user:password
+        raise ConfigurationError("the proxy's user name cannot contain ':'")
+    for what, text in (("user name", user), ("password", password)):
+        bad = next((i for i, ch in enumerate(text) if ord(ch) > 0xFF), None)
+        if bad is not None:
+            raise ConfigurationError(
+                f"the proxy's {what} has U+{ord(text[bad]):04X} at position {bad} (after "
+                "decoding percent-escapes as UTF-8); proxy credentials must be Latin-1 text"
+            )
 
 
 def _check_rpm(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:

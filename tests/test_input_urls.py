@@ -7,9 +7,11 @@ api_url repeated it, and ``api_url="http://user:pass@host"`` was accepted
 
 from __future__ import annotations
 
+import base64
 import logging
 import socket
 import traceback
+from urllib.parse import quote
 
 import pytest
 
@@ -131,3 +133,47 @@ def test_proxy_credentials_reach_no_log_hook_or_repr_when_the_proxy_is_down(
     assert PASSWORD not in text
     for record in caplog.records:
         assert PASSWORD not in str(record.args)
+
+
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [
+        ("analytics", "p@ss w/rd%"),  # the example in docs/howto/network.rst
+        ("ops", "a:b#c?d%41"),  # %41 is sent as the three characters, not "A"
+        ("café", "naïve"),  # Latin-1, sent as Latin-1
+    ],
+)
+def test_proxy_credentials_are_sent_percent_decoded_as_documented(
+    produl_collector, make_client, user, password
+):
+    """Issue #9, item 14: the docs said escapes were not decoded; they are."""
+    # The collector plays the proxy: it records the absolute-form request a
+    # forward proxy would receive, credentials included. Nothing leaves this machine.
+    host = produl_collector.url.removeprefix("http://")
+    proxy = f"http://{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    produl = make_client(api_url="http://analytics.internal.example", proxy=proxy)
+    produl.track_event("via_proxy", visitor_id="v")
+    assert produl.flush(timeout=10)
+    (request,) = produl_collector.requests
+    sent = base64.b64decode(request.headers["Proxy-Authorization"].removeprefix("Basic "))
+    assert sent.decode("latin-1") == f"{user}:{password}"
+    assert password not in repr(produl.config)
+
+
+@pytest.mark.parametrize(
+    ("proxy", "message"),
+    [
+        (f"http://u:{PASSWORD}\u2013x@h:3128", "password has U+2013 at position 13"),
+        (f"http://u:{PASSWORD}%E2%80%93x@h:3128", "password has U+2013 at position 13"),
+        (f"http://u:{PASSWORD}%FF@h:3128", "password has U+FFFD at position 13"),
+        (f"http://\u4e2d:{PASSWORD}@h:3128", "user name has U+4E2D at position 0"),
+        (f"http://a%3Ab:{PASSWORD}@h:3128", "user name cannot contain ':'"),
+    ],
+)
+def test_proxy_credentials_that_basic_auth_cannot_carry_are_refused(proxy, message, caplog):
+    """They used to fail every send with a UnicodeEncodeError holding the password."""
+    with caplog.at_level(logging.DEBUG), pytest.raises(ConfigurationError) as info:
+        Produl(KEY, proxy=proxy, enabled=False)
+    assert message in str(info.value)
+    for text in (str(info.value), traceback_of(info.value), caplog.text):
+        assert PASSWORD not in text
