@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import string
+import traceback
 
 import pytest
 
@@ -32,15 +33,24 @@ BAD_KEYS = {
 
 
 @pytest.mark.parametrize(("key", "code", "position"), BAD_KEYS.values(), ids=BAD_KEYS)
-def test_a_key_outside_printable_ascii_is_refused_by_code_point(key, code, position, caplog):
+def test_a_key_outside_printable_ascii_is_refused_by_code_point(
+    produl_collector, key, code, position, caplog
+):
+    hooked: list[str] = []
     with caplog.at_level(logging.DEBUG), pytest.raises(ConfigurationError) as info:
-        Produl(server_key=key, enabled=False)
+        Produl(
+            server_key=key,
+            api_url=produl_collector.url,
+            on_error=lambda error, event: hooked.extend([repr(error), repr(event)]),
+        )
     message = str(info.value)
     assert f"server_key has {code} at position {position}" in message
     assert "printable ASCII" in message
-    for text in (message, repr(info.value), caplog.text):
+    shown = "".join(traceback.format_exception(info.value))
+    for text in (message, shown, caplog.text, *hooked):
         assert SECRET not in text
         assert "4321" not in text
+    assert not produl_collector.requests  # refused before anything was sent
 
 
 @pytest.mark.parametrize(("key", "code", "position"), BAD_KEYS.values(), ids=BAD_KEYS)
