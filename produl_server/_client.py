@@ -16,7 +16,7 @@ import weakref
 from types import TracebackType
 from typing import Any
 
-from ._config import Config, ErrorHook, mask_key
+from ._config import Config, ErrorHook, mask_key, mask_url
 from ._event import PageviewData, encode_event, encode_pageview
 from ._ledger import Stats
 from ._worker import Worker
@@ -144,7 +144,8 @@ class Produl:
         state = "enabled" if self._enabled else "disabled"
         if self._worker.closed:
             state = "shut down"
-        return f"<Produl {self._config.api_url} key={mask_key(self._config.server_key)} {state}>"
+        url = mask_url(self._config.api_url)
+        return f"<Produl {url} key={mask_key(self._config.server_key)} {state}>"
 
     @property
     def config(self) -> Config:

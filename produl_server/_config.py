@@ -6,8 +6,10 @@ import ipaddress
 import logging
 import math
 import os
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import unquote
 
 import attrs
 from urllib3.util import parse_url
@@ -40,29 +42,47 @@ def mask_key(key: str) -> str:
     return f"{prefix}…{key[-4:]}"
 
 
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+#: The largest value of every duration option, in seconds: one day. Far
+#: above any useful setting, and far below threading.TIMEOUT_MAX, past which
+#: the sender's waits raise OverflowError (issue #9).
+MAX_SECONDS = 86_400.0
+#: The largest max_requests_per_minute (a bigger one overflows the pacer).
+MAX_RATE = 1_000_000
+
+
+def _show(value: object) -> str:
+    """repr() for an error message, short even for a huge int (whose repr may raise)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return repr(value)
+
+
+def _seconds(name: str, value: float, *, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(f"{name} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        rule = ">= 0" if allow_zero else "> 0"
-        raise ConfigurationError(f"{name} must be a finite number {rule}, not {value!r}")
+    # Chained comparisons are exact for ints of any size and false for NaN.
+    if not (0 <= value <= MAX_SECONDS) or (value == 0 and not allow_zero):
+        rule = "from 0 to" if allow_zero else "more than 0 and at most"
+        raise ConfigurationError(
+            f"{name} must be {rule} {MAX_SECONDS:g} seconds (one day), not {_show(value)}"
+        )
 
 
 def _check_number(allow_zero: bool = False) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
     def check(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        _positive(attribute.name, value, allow_zero=allow_zero)
+        _seconds(attribute.name, value, allow_zero=allow_zero)
 
     return check
 
 
 def _check_int(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{attribute.name} must be an integer >= 1, not {value!r}")
+        raise ConfigurationError(f"{attribute.name} must be an integer >= 1, not {_show(value)}")
 
 
 def _check_bool(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, bool):
-        raise ConfigurationError(f"{attribute.name} must be True or False, not {value!r}")
+        raise ConfigurationError(f"{attribute.name} must be True or False, not {_show(value)}")
 
 
 def _check_key(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -71,23 +91,69 @@ def _check_key(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None
             f"no server key: pass server_key=... or set the {KEY_ENV} environment variable "
             "(Settings → Server keys in the Produl dashboard)"
         )
-    if value != value.strip() or any(ch.isspace() for ch in value):
-        raise ConfigurationError("server_key contains whitespace; check how it was copied")
+    if not value.isascii() or not value.isprintable() or " " in value:
+        _refuse_key_character(value)
+
+
+def _refuse_key_character(key: str) -> None:
+    """Name the first character a key cannot hold, by code point, never the key.
+
+    A BOM from a secrets file, a zero-width space or an en dash from a web
+    page would otherwise make every request fail to encode its header, with
+    the key in the exception (issue #9).
+    """
+    position, char = next((i, ch) for i, ch in enumerate(key) if not "!" <= ch <= "~")
+    name = "BYTE ORDER MARK" if char == "\ufeff" else unicodedata.name(char, "")
+    described = f"U+{ord(char):04X}" + (f" ({name})" if name else "")
+    raise ConfigurationError(
+        f"server_key has {described} at position {position}; a key is printable ASCII "
+        "(no spaces) — check how it was copied"
+    )
+
+
+def mask_url(url: str) -> str:
+    """Show a URL with the password in its userinfo masked, for messages and reprs.
+
+    Everything between ``//`` and the last ``@`` counts as userinfo, so a
+    password with an unescaped ``/``, ``#`` or ``@`` is masked whole too.
+
+    Args:
+        url: A URL, valid or not.
+
+    Returns:
+        For example ``http://u:***@h:3128``; a user name alone (it may be a
+        token) becomes ``***``. A URL without ``@`` is returned unchanged.
+    """
+    end = url.rfind("@")
+    if end < 0:
+        return url
+    start = url.find("//")
+    start = start + 2 if 0 <= start < end else 0
+    user, colon, _password = url[start:end].partition(":")
+    return url[:start] + (f"{user}:***" if colon else "***") + url[end:]
 
 
 def _check_url(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, str):
         raise ConfigurationError(f"api_url must be a string, not {type(value).__name__}")
+    shown = mask_url(value)
+    if "@" in value:
+        # Credentials in api_url are never sent (the server key authenticates),
+        # yet would show in every repr and warning; refuse them instead.
+        raise ConfigurationError(
+            f"api_url must not contain user:password@ (got {shown!r}): the server key "
+            "authenticates; write a literal @ in the path as %40"
+        )
     try:
         url = parse_url(value)
-    except ValueError as exc:
-        raise ConfigurationError(f"api_url {value!r} is not a URL: {exc}") from None
+    except ValueError:
+        raise ConfigurationError(f"api_url {shown!r} is not a valid URL") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise ConfigurationError(
-            f"api_url must be an http:// or https:// URL with a host, not {value!r}"
+            f"api_url must be an http:// or https:// URL with a host, not {shown!r}"
         )
     if url.query or url.fragment:
-        raise ConfigurationError(f"api_url must not have a query or fragment: {value!r}")
+        raise ConfigurationError(f"api_url must not have a query or fragment: {shown!r}")
 
 
 def _check_hook(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -103,13 +169,64 @@ def _check_verify(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> N
 def _check_proxy(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is None:
         return
-    if not isinstance(value, str) or parse_url(value).scheme not in ("http", "https"):
-        raise ConfigurationError(f"proxy must be an http:// or https:// URL, not {value!r}")
+    if not isinstance(value, str):
+        raise ConfigurationError(f"proxy must be a string, not {type(value).__name__}")
+    try:
+        url = parse_url(value)
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ConfigurationError(
+            f"proxy must be an http:// or https:// URL with a host, not {mask_url(value)!r} "
+            "(percent-escape @, /, # or : in its user name or password)"
+        )
+    _check_proxy_credentials(value)
 
 
-def _check_rpm(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None:
-        _check_int(_inst, _attribute, value)
+def proxy_credentials(proxy: str) -> tuple[str, str] | None:
+    """The user name and password of a proxy URL, percent-escapes decoded.
+
+    Args:
+        proxy: A proxy URL that ``urllib3.util.parse_url`` accepts.
+
+    Returns:
+        ``(user, password)``, or None when the URL has no credentials.
+    """
+    auth = parse_url(proxy).auth
+    if not auth:
+        return None
+    # The URL carries them percent-encoded (p%40ss for p@ss).
+    user, _colon, password = auth.partition(":")
+    return unquote(user), unquote(password)
+
+
+def _check_proxy_credentials(proxy: str) -> None:
+    # Basic authentication sends Latin-1 (urllib3's make_headers); anything
+    # else raised UnicodeEncodeError, holding the password, on every send.
+    user, password = proxy_credentials(proxy) or ("", "")
+    if ":" in user:  # from %3A: the proxy would split it as user:password
+        raise ConfigurationError("the proxy's user name cannot contain ':'")
+    for what, text in (("user name", user), ("password", password)):
+        bad = next((i for i, ch in enumerate(text) if ord(ch) > 0xFF), None)
+        if bad is not None:
+            raise ConfigurationError(
+                f"the proxy's {what} has U+{ord(text[bad]):04X} at position {bad} (after "
+                "decoding percent-escapes as UTF-8); proxy credentials must be Latin-1 text"
+            )
+
+
+def _check_rpm(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    _check_int(_inst, attribute, value)
+    if value > MAX_RATE:
+        raise ConfigurationError(
+            f"{attribute.name} must be at most {MAX_RATE:,}, or None to turn pacing off"
+        )
+
+
+def _repr_proxy(proxy: str | None) -> str:
+    return repr(proxy if proxy is None else mask_url(proxy))
 
 
 def is_loopback(host: str) -> bool:
@@ -159,7 +276,9 @@ class Config:
     """
 
     server_key: str = attrs.field(repr=lambda key: repr(mask_key(key)), validator=_check_key)
-    api_url: str = attrs.field(default=DEFAULT_API_URL, validator=_check_url)
+    api_url: str = attrs.field(
+        default=DEFAULT_API_URL, repr=lambda url: repr(mask_url(url)), validator=_check_url
+    )
     enabled: bool = attrs.field(default=True, validator=_check_bool)
     sync_mode: bool = attrs.field(default=False, validator=_check_bool)
     flush_at: int = attrs.field(default=10, validator=_check_int)
@@ -175,12 +294,14 @@ class Config:
     retry_max_delay: float = attrs.field(default=30.0, validator=_check_number())
     raise_on_invalid: bool = attrs.field(default=True, validator=_check_bool)
     on_error: ErrorHook | None = attrs.field(default=None, validator=_check_hook)
-    proxy: str | None = attrs.field(default=None, validator=_check_proxy)
+    proxy: str | None = attrs.field(default=None, repr=_repr_proxy, validator=_check_proxy)
     verify: bool | str = attrs.field(default=True, validator=_check_verify)
 
     def __attrs_post_init__(self) -> None:
         if self.max_in_flight > 32:
-            raise ConfigurationError(f"max_in_flight must be 1 to 32, not {self.max_in_flight}")
+            raise ConfigurationError(
+                f"max_in_flight must be 1 to 32, not {_show(self.max_in_flight)}"
+            )
         if self.retry_max_delay < self.retry_initial_delay:
             raise ConfigurationError("retry_max_delay must be >= retry_initial_delay")
         url = parse_url(self.api_url)
@@ -188,7 +309,7 @@ class Config:
             log.warning(
                 "api_url %s uses plain http to a host that is not this machine: "
                 "the server key would cross the network unencrypted; use https",
-                self.api_url,
+                mask_url(self.api_url),
             )
 
     @classmethod

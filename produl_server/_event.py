@@ -12,8 +12,11 @@ import decimal
 import enum
 import json
 import logging
+import math
+import re
+import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -27,6 +30,7 @@ from ._protocol import (
     MAX_TITLE,
     MAX_URL,
     PAGEVIEW,
+    WIRE_KEYS,
     default_url,
 )
 from .exceptions import InvalidEventError, InvalidEventTypeError
@@ -62,6 +66,8 @@ else:  # pragma: no cover - only without the C accelerator
 _SCALARS = frozenset({str, int, bool, type(None)})
 
 _MAX_DEPTH = 64
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @attrs.frozen(kw_only=True)
@@ -121,7 +127,11 @@ def _ident(field: str, value: object) -> str:
             return value
         return _string(field, value, 1, MAX_ID)
     if isinstance(value, int | uuid.UUID) and not isinstance(value, bool):
-        return _string(field, str(value), 1, MAX_ID)
+        try:
+            text = str(value)
+        except ValueError:  # an int over sys.get_int_max_str_digits() digits
+            raise InvalidEventError(field, _too_large()) from None
+        return _string(field, text, 1, MAX_ID)
     return _string(field, value, 1, MAX_ID)
 
 
@@ -161,15 +171,16 @@ def _clean_mapping(value: Mapping[Any, Any], depth: int, active: set[int]) -> di
     out = {}
     for key, item in value.items():
         if type(key) is not str:
+            shown = _short_repr(key)
             error = _PathError(
-                f"keys must be str, not {type(key).__name__} ({key!r})", type_error=True
+                f"keys must be str, not {type(key).__name__} ({shown})", type_error=True
             )
-            error.segments.append(f"[{key!r}]")
+            error.segments.append(f"[{shown}]")
             raise error from None
         try:
             out[key] = _clean(item, depth, active)
         except _PathError as error:
-            error.segments.append(f"[{json.dumps(key, ensure_ascii=False)}]")
+            error.segments.append(_segment(key))
             raise
     return out
 
@@ -241,8 +252,80 @@ def _properties(value: object) -> dict[str, Any]:
         raise InvalidEventError("properties", "nested too deeply") from None
 
 
+def _short_repr(value: object) -> str:
+    """repr() for an error message; a huge int's repr would itself raise."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
+    return repr(value)
+
+
+def _segment(key: str) -> str:
+    """One ``["key"]`` of a key path; escaped if raw it could not be logged."""
+    return f"[{json.dumps(key, ensure_ascii=_SURROGATE.search(key) is not None)}]"
+
+
+def _too_large() -> str:
+    # Python 3.11 (and 3.10.7) refuse to turn an int of more digits into text.
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+    return f"integer too large to send (over {limit} digits); send it as a str"
+
+
+def _surrogate(text: str) -> str | None:
+    found = _SURROGATE.search(text)
+    if found is None:
+        return None
+    return (
+        f"contains a lone surrogate U+{ord(found.group()):04X} at position {found.start()}; "
+        "strings must be valid Unicode (undecodable bytes in sys.argv or os.environ "
+        "arrive as these)"
+    )
+
+
+def _unencodable(value: Any, where: str) -> InvalidEventError | None:
+    """Find what made the encoder fail: a lone surrogate or a huge int.
+
+    Only called once encoding has failed, so the fast path pays nothing.
+    Values are already snapshotted: plain str, int, list and dict only.
+    """
+    if type(value) is str:
+        problem = _surrogate(value)
+        return None if problem is None else InvalidEventError(where, problem)
+    if type(value) is int:
+        try:
+            repr(value)
+        except ValueError:
+            return InvalidEventError(where, _too_large())
+        return None
+    if type(value) is list:
+        return _first_unencodable((f"{where}[{index}]", item) for index, item in enumerate(value))
+    if type(value) is dict:
+        for key in value:
+            problem = _surrogate(key)
+            if problem is not None:
+                return InvalidEventError(where + _segment(key), "the key " + problem)
+        return _first_unencodable((where + _segment(key), item) for key, item in value.items())
+    return None
+
+
+def _first_unencodable(items: Iterable[tuple[str, Any]]) -> InvalidEventError | None:
+    for where, item in items:
+        found = _unencodable(item, where)
+        if found is not None:
+            return found
+    return None
+
+
+def _unencodable_event(wire: dict[str, Any], exc: ValueError) -> InvalidEventError:
+    found = _first_unencodable((WIRE_KEYS[key], value) for key, value in wire.items())
+    # None is not expected: every other cause is refused before encoding.
+    return found or InvalidEventError("event", f"cannot be encoded as JSON ({type(exc).__name__})")
+
+
 def _finish(wire: dict[str, Any]) -> bytes:
-    body = _encode(wire).encode()
+    try:
+        body = _encode(wire).encode()
+    except ValueError as exc:  # UnicodeEncodeError, or an int too long for str()
+        raise _unencodable_event(wire, exc) from None
     if len(body) > MAX_BODY:
         biggest = max(wire, key=lambda key: len(_encode(wire[key])))
         raise InvalidEventError(

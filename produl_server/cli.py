@@ -19,6 +19,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -27,7 +28,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from produl_server._config import mask_key
+from produl_server._config import MAX_SECONDS, mask_key, mask_url
 from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
 from produl_server._version import __version__
 from produl_server.collector import (
@@ -80,6 +81,19 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    # False for NaN; the cap is the client's (issue #9: 1e10 used to pass).
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds, more than 0 and at most {MAX_SECONDS:g}, not {text!r}"
+        )
+    return value
 
 
 def _port(text: str) -> int:
@@ -306,12 +320,13 @@ def cmd_send(args: argparse.Namespace) -> int:
     finally:
         client.shutdown(timeout=1.0)
     if sent >= 1:
-        _out(f"delivered {what} to {client.config.api_url}")
+        _out(f"delivered {what} to {mask_url(client.config.api_url)}")
         return OK
     if errors:
         raise CommandError(f"not delivered: {_explain(errors[0])}")
     if not drained:
-        raise CommandError(f"not delivered within {args.timeout:g} s to {client.config.api_url}")
+        where = mask_url(client.config.api_url)
+        raise CommandError(f"not delivered within {args.timeout:g} s to {where}")
     raise CommandError("not delivered")
 
 
@@ -383,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         send.add_argument("--server-key", help="default: $PRODUL_SERVER_KEY")
         send.add_argument("--api-url", help="default: $PRODUL_API_URL or Produl's API")
         send.add_argument(
-            "--timeout", type=float, default=10.0, help="seconds to keep trying (default 10)"
+            "--timeout", type=_seconds, default=10.0, help="seconds to keep trying (default 10)"
         )
 
     sub.add_parser("demo", help="a tour against an embedded collector; no account needed")

@@ -163,6 +163,10 @@ def test_unreachable_collector_fails_within_the_timeout() -> None:
         (["pageview", "/p"], "--visitor-id"),
         (["pageview", "no-slash", "--visitor-id", "u"], "invalid input"),
         (["event", "x", "--timeout", "soon"], "--timeout"),
+        # Issue #9, item 4: a huge timeout used to pass, then overflow a wait.
+        (["event", "x", "--timeout", "1e10"], "at most 86400, not '1e10'"),
+        (["event", "x", "--timeout", "nan"], "--timeout"),
+        (["event", "x", "--timeout", "0"], "more than 0"),
         (["collector", "--port", "99999"], "port"),
         (["collector", "--rate-limit", "lots"], "'off'"),
         (["events", "--limit", "0"], "positive"),
@@ -176,6 +180,61 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], text: str, env: dict[
 
 def test_missing_key_is_a_usage_error() -> None:
     assert_one_line_error(run("event", "signup"), 2, "PRODUL_SERVER_KEY")
+
+
+NON_ASCII_KEY = "sk_live_SECRET\u2013PART_4321"  # an en dash, pasted from a web page
+
+
+def assert_key_not_shown(result: subprocess.CompletedProcess[str]) -> None:
+    for text in (result.stdout, result.stderr):
+        assert NON_ASCII_KEY not in text
+        assert "SECRET" not in text
+        assert "4321" not in text
+
+
+def test_a_key_outside_printable_ascii_is_one_line_without_the_key(
+    produl_collector: LocalCollector,
+) -> None:
+    """Issue #9, item 1: it used to fail on every send, with the header in the error."""
+    common = ["--visitor-id", "u1", "--api-url", produl_collector.url, "--timeout", "1"]
+    by_flag = run("event", "signup", "--server-key", NON_ASCII_KEY, *common)
+    by_env = run("event", "signup", *common, env={"PRODUL_SERVER_KEY": NON_ASCII_KEY})
+    # Bytes that are not UTF-8 arrive as lone surrogates (surrogateescape).
+    undecodable = run("event", "signup", "--server-key", "sk_live_SECRET\udce9_4321", *common)
+    for result, code in ((by_flag, "U+2013"), (by_env, "U+2013"), (undecodable, "U+DCE9")):
+        assert_one_line_error(result, 2, f"server_key has {code}")
+        assert "at position 14; a key is printable ASCII" in result.stderr
+        assert_key_not_shown(result)
+    assert not produl_collector.requests
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["event", "caf\udce9", "--visitor-id", "u1"], "name: contains a lone surrogate U+DCE9"),
+        (["event", "e", "--visitor-id", "\udcff"], "visitor_id: contains a lone surrogate"),
+        (["event", "e", "--prop", "k=caf\udce9"], 'properties["k"]: contains a lone'),
+        (["event", "e", "--prop", "caf\udce9=1"], 'properties["caf\\udce9"]: the key'),
+        (["pageview", "/p", "--visitor-id", "u", "--title", "\udce9"], "title: contains a"),
+        (["event", "e", "--props-json", '{"n": 1e999}'], 'properties["n"]: inf is not a finite'),
+    ],
+)
+def test_undecodable_bytes_in_argv_are_one_line_and_exit_2(
+    args: list[str], text: str, produl_collector: LocalCollector, env: dict[str, str]
+) -> None:
+    """Issue #9, item 3: a byte that is not UTF-8 used to print a traceback."""
+    result = run(*args, env=env)
+    assert_one_line_error(result, 2, f"invalid input: {text}")
+    assert not produl_collector.requests
+
+
+def test_credentials_in_the_api_url_are_one_line_without_the_password(env: dict[str, str]) -> None:
+    """Issue #9, item 2: refused, and the password is not repeated."""
+    url = "http://user:Pr0xyPassw0rd@127.0.0.1:9"
+    result = run("event", "signup", "--visitor-id", "u1", "--api-url", url, env=env)
+    assert_one_line_error(result, 2, "api_url must not contain user:password@")
+    assert "'http://user:***@127.0.0.1:9'" in result.stderr
+    assert "Pr0xyPassw0rd" not in result.stdout + result.stderr
 
 
 def test_help_and_version() -> None:
