@@ -252,7 +252,8 @@ class Produl:
         thread (an ``on_error`` hook), it returns False at once with a warning.
 
         Args:
-            timeout: Seconds to wait at most; ``None`` waits until done.
+            timeout: Seconds to wait at most (at most a day; NaN or a
+                negative number counts as 0); ``None`` waits until done.
 
         Returns:
             True when every event queued before the call was delivered or
@@ -270,7 +271,8 @@ class Produl:
         dropped (``shutdown``), logged and handed to ``on_error``.
 
         Args:
-            timeout: Seconds to spend at most; default ``shutdown_timeout``.
+            timeout: Seconds to spend at most (at most a day); default
+                ``shutdown_timeout``.
         """
         with _live_lock:
             _live.discard(self._worker)

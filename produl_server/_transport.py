@@ -21,13 +21,12 @@ import platform
 import time
 import types
 from typing import Any
-from urllib.parse import unquote
 
 import attrs
 import urllib3
 from urllib3.util import parse_url
 
-from ._config import Config, is_loopback
+from ._config import Config, is_loopback, mask_url, proxy_credentials
 from ._protocol import COLLECT_PATH, KEY_HEADER
 from ._version import __version__
 
@@ -164,10 +163,7 @@ class Transport:
                 tls["ca_cert_dir" if os.path.isdir(bundle) else "ca_certs"] = bundle
         manager: urllib3.PoolManager
         if proxy:
-            auth = parse_url(proxy).auth
-            # The URL carries them percent-encoded (p%40ss for p@ss).
-            auth = ":".join(unquote(part) for part in auth.split(":", 1)) if auth else None
-            proxy_headers = urllib3.make_headers(proxy_basic_auth=auth) if auth else None
+            proxy_headers = _proxy_headers(proxy)
             manager = urllib3.ProxyManager(
                 proxy,
                 num_pools=1,
@@ -247,6 +243,27 @@ class Transport:
         for connection in list(idle):
             if connection is not None:
                 connection.close()
+
+
+def _proxy_headers(proxy: str) -> dict[str, str] | None:
+    """The Basic authentication header for a proxy URL's credentials, if any.
+
+    A proxy given as an option was checked at construction; one from the
+    environment was not: credentials that Basic authentication cannot carry
+    (not Latin-1) are reported, masked, and left out.
+    """
+    credentials = proxy_credentials(proxy)
+    if not credentials:
+        return None
+    try:
+        return urllib3.make_headers(proxy_basic_auth=":".join(credentials))
+    except UnicodeError:
+        log.error(
+            "produl_server: the credentials of the proxy %s are not Latin-1 text and cannot "
+            "be sent; connecting to it without them",
+            mask_url(proxy),
+        )
+        return None
 
 
 def _read_bounded(response: Any, deadline: float) -> bytes:

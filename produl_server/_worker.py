@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._config import Config, mask_key
+from ._config import MAX_SECONDS, Config, mask_key
 from ._ledger import Ledger, Stats
 from ._schedule import Schedule, Verdict
 from ._transport import Outcome, Transport
@@ -49,6 +49,15 @@ Clock = Callable[[], float]
 LANE_LATENCY = 0.003
 
 _local = threading.local()
+
+
+def _bounded(timeout: float | None) -> float | None:
+    """A caller's timeout, made safe for the clock: NaN or negative is 0, at most a day."""
+    if timeout is None:
+        return None
+    if not timeout > 0:  # NaN, 0, negative
+        return 0.0
+    return min(float(timeout), MAX_SECONDS)
 
 
 class Item:
@@ -616,6 +625,7 @@ class Worker:
         core = self._core
         if core.finished:
             return not core.lost
+        timeout = _bounded(timeout)
         sender = self._sender
         deadline = None if timeout is None else self._clock() + timeout
         if sender is None or not sender.thread.is_alive():
@@ -668,7 +678,7 @@ class Worker:
 
     def close(self, timeout: float | None) -> None:
         """:meth:`begin_close` and :meth:`wait_closed` with one budget."""
-        budget = self._config.shutdown_timeout if timeout is None else timeout
+        budget = _bounded(self._config.shutdown_timeout if timeout is None else timeout) or 0.0
         self.begin_close(self._clock() + budget)
         self.wait_closed()
 

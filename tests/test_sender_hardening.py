@@ -265,3 +265,39 @@ def test_the_plain_http_warning_reaches_stderr_with_no_logging_configured():
     )
     assert result.returncode == 0, result.stderr
     assert "plain http" in result.stderr
+
+
+@pytest.mark.parametrize("timeout", [1e10, float("inf"), float("nan"), -1.0])
+def test_flush_and_shutdown_take_any_timeout(produl_collector, make_client, timeout):
+    produl = make_client(flush_interval=600)
+    produl.track_event("e", visitor_id="v")
+    assert produl.flush(timeout=timeout) in (True, False)
+    produl.shutdown(timeout=timeout if timeout > 0 else 5)
+    stats = produl.stats
+    assert stats.pending == 0
+    assert stats.queued == stats.sent + stats.dropped_total == 1
+
+
+def test_a_proxy_from_the_environment_with_unsendable_credentials_is_reported_masked(
+    produl_collector, caplog
+):
+    script = """
+        import logging
+        logging.basicConfig(level=logging.INFO)
+        from produl_server import Produl
+        produl = Produl(server_key="sk_test_key_0000", api_url="https://collector.invalid",
+                        max_retry_time=0, shutdown_timeout=2)
+        produl.track_event("e", visitor_id="v")
+        produl.shutdown()
+        print(produl.stats.dropped)
+    """
+    result = run_script(
+        script, ("HTTPS_PROXY", "http://user:s%C3%A9cr%E2%80%93t@127.0.0.1:9"), timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "cannot be sent" in result.stderr
+    assert "user:***@127.0.0.1:9" in result.stderr
+    for secret in ("s%C3%A9cr%E2%80%93t", "s\u00e9cr\u2013t", "s\u00e9cr"):
+        assert secret not in result.stderr + result.stdout
+    assert "{'retries_exhausted': 1}" in result.stdout
