@@ -299,7 +299,10 @@ class CollectorServer:
             exc: The exception.
             traceback: Log the traceback too (for unexpected errors).
         """
-        what = f"{cause}: {type(exc).__name__}: {exc}"
+        # The root error is the cause: a corrupted file fails inserts, reads
+        # and counts alike, with one line of news.
+        root = exc.__cause__ or exc
+        what = f"{cause}: {type(root).__name__}: {root}"
         with self.changed:
             first = what not in self._failures_logged
             self._failures_logged.add(what)
