@@ -222,3 +222,17 @@ def test_bearer_parsing() -> None:
     assert bearer("Basic abc") is None
     assert bearer("Bearer") is None
     assert bearer(None) is None
+
+
+def test_a_forward_proxy_request_is_answered_but_events_stay_locked(
+    filled: LocalCollector,
+) -> None:
+    # Absolute form: what a proxy receives, never what a rebinding page sends.
+    target = "http://analytics.internal.example:8080/api/events"
+    host = "analytics.internal.example:8080"
+    status, _, _ = raw(filled.port, request("GET", target, host))
+    assert status == 401
+    auth = f"Authorization: Bearer {filled.access_token}"
+    assert raw(filled.port, request("DELETE", target, host))[0] == 401
+    assert raw(filled.port, request("GET", target, host, auth))[0] == 200
+    assert filled.events == [EVENT]
