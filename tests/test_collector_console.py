@@ -6,12 +6,13 @@ rules and the access log, in process.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 
 import pytest
 
-from produl_server.collector._format import describe, escape_controls
+from produl_server.collector._format import describe, escape_controls, terminal_json
 from produl_server.testing import LocalCollector, format_events
 
 
@@ -67,3 +68,14 @@ def test_the_access_log_escapes_the_request_line(
     messages = [r.getMessage() for r in caplog.records]
     assert any(r"/x\x1b]0;pwned\x07" in m for m in messages), messages
     assert not any("\x1b" in m or "\x07" in m for m in messages)
+
+
+def test_terminal_json_is_valid_equal_and_safe() -> None:
+    stored = [
+        {"id": 1, "event": {"t": "pv", "p": "/\x1b[2J", "r": "r\x9b\x7f\u202e", "ti": "café"}}
+    ]
+    text = terminal_json(stored, indent=2)
+    assert json.loads(text) == stored
+    assert "café" in text  # readable, not \u00e9
+    assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F for c in text)
+    assert "\u202e" not in text

@@ -48,6 +48,34 @@ def escape_controls(text: str) -> str:
     return _UNSAFE.sub(_escape_char, text)
 
 
+#: What ``json.dumps(..., ensure_ascii=False)`` leaves raw that a terminal
+#: would act on. It escapes C0 controls itself; these occur only inside
+#: strings, so a \uXXXX escape keeps the JSON valid and equal.
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def terminal_json(value: Any, *, indent: int | None = None) -> str:
+    """``value`` as JSON text that is safe to print to a terminal.
+
+    Like ``json.dumps(value, ensure_ascii=False)`` (readable non-ASCII text),
+    but DEL, the C1 controls, line separators, bidirectional controls and
+    lone surrogates are written as ``\\uXXXX`` escapes.
+
+    Args:
+        value: Anything ``json.dumps`` takes.
+        indent: As for ``json.dumps``.
+
+    Returns:
+        The JSON text.
+
+    Examples:
+        >>> print(terminal_json({"r": "café \\x9b31m \\x1b"}))
+        {"r": "café \\u009b31m \\u001b"}
+    """
+    text = json.dumps(value, ensure_ascii=False, indent=indent)
+    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def describe(event: dict[str, Any]) -> str:
     """Summarise a wire dict on one line, safe to print to a terminal.
 
