@@ -38,7 +38,8 @@ from produl_server.collector import (
     StoredEvent,
     StoreError,
 )
-from produl_server.collector._format import describe_stored
+from produl_server.collector._format import describe_stored, terminal_json
+from produl_server.collector._ratelimit import DEFAULT_RATE_LIMIT_MODE, RATE_LIMIT_MODES
 
 __all__ = ["main"]
 
@@ -72,13 +73,18 @@ def _err(line: str) -> None:
 def _rate_limit(text: str) -> int | None:
     if text.lower() == "off":
         return None
-    if not text.isdigit() or int(text) <= 0:
+    if not _digits(text) or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive whole number or 'off', not {text!r}")
     return int(text)
 
 
+def _digits(text: str) -> bool:
+    # str.isdigit() alone accepts "²" and "٣".
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
+    if not _digits(text) or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
     return int(text)
 
@@ -97,7 +103,7 @@ def _seconds(text: str) -> float:
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
+    if not _digits(text) or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, not {text!r}")
     return int(text)
 
@@ -150,6 +156,9 @@ def cmd_collector(args: argparse.Namespace) -> int:
         port=args.port,
         rate_limit=args.rate_limit,
         keyless_rate_limit=args.keyless_rate_limit,
+        rate_limit_mode=args.rate_limit_mode,
+        send_retry_after=args.send_retry_after,
+        allowed_hosts=args.allow_host,
         on_event=show,
     )
     # SIGTERM (docker stop, systemd) ends it as cleanly as Ctrl-C.
@@ -169,7 +178,7 @@ def cmd_collector(args: argparse.Namespace) -> int:
                 "the collector is meant for local development"
             )
         _out(f"Produl local collector listening on {server.url}")
-        _out(f"  live page:  {server.url}/")
+        _out(f"  live page:  {server.page_url}")
         _out(f"  events in:  {os.path.abspath(args.db)} ({store.count()} stored)")
         _out("Point the SDK at it with:")
         _out(f"  PRODUL_API_URL={server.url}")
@@ -219,7 +228,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        _out(json.dumps([stored.as_json() for stored in found], ensure_ascii=False, indent=2))
+        _out(terminal_json([stored.as_json() for stored in found], indent=2))
     else:
         for stored in found:
             _out(describe_stored(stored))
@@ -372,6 +381,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=KEYLESS_RATE_LIMIT,
         metavar="N|off",
         help=f"requests without a key per minute per IP (default {KEYLESS_RATE_LIMIT})",
+    )
+    col.add_argument(
+        "--rate-limit-mode",
+        choices=RATE_LIMIT_MODES,
+        default=DEFAULT_RATE_LIMIT_MODE,
+        help=f"the quota's shape: fixed, sliding or bucket (default {DEFAULT_RATE_LIMIT_MODE})",
+    )
+    col.add_argument(
+        "--no-retry-after",
+        dest="send_retry_after",
+        action="store_false",
+        help="answer 429 without Retry-After (Produl does not promise it)",
+    )
+    col.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host is NAME (repeatable)",
     )
 
     lst = sub.add_parser("events", help="list the events a collector stored")

@@ -43,9 +43,10 @@ class LocalCollector:
     """A real HTTP collector on 127.0.0.1 that speaks PROTOCOL.md, for tests.
 
     It answers ``POST /api/collect`` and ``/r`` like Produl does (401, 400,
-    413, 429 with ``Retry-After``, 204), records every request, stores the
-    accepted events, and can inject failures, latency and dropped connections.
-    It also serves the live page and JSON API of ``produl-server collector``.
+    413, 429, 204), records every request, stores the accepted events, and
+    can inject failures, latency and dropped connections. It also serves the
+    live page and JSON API of ``produl-server collector``; reading that API
+    needs :attr:`access_token` or the server key.
 
     Args:
         server_key: The only key accepted.
@@ -53,10 +54,25 @@ class LocalCollector:
         port: TCP port; 0 (the default) picks a free one.
         rate_limit: Keyed requests per minute per client IP; ``None`` (the
             default) for no limit.
-        keyless_rate_limit: Requests without a key per minute per client IP;
-            ``None`` (the default) for no limit.
+        keyless_rate_limit: Requests without a key (browser requests with a
+            site id ``k``) per minute per client IP; ``None`` (the default)
+            for no limit.
+        rate_limit_mode: The shape of the rate-limit window, which Produl
+            does not document: ``"bucket"`` (the default; a token bucket of
+            N that refills N per minute), ``"fixed"`` (N per window, counted
+            from a client's first request) or ``"sliding"`` (N in any
+            rolling window).
+        rate_limit_window: Seconds per rate-limit window: 60 like Produl;
+            a shorter one makes a test of the limit quick.
+        send_retry_after: Send ``Retry-After`` with each rate-limit ``429``
+            (the default). Produl does not promise it; ``False`` tests code
+            that must cope without.
         db_path: An SQLite file to store events in (kept across restarts);
             ``None`` keeps them in memory.
+
+    Raises:
+        ValueError: For an unknown ``rate_limit_mode`` or a window that is
+            not positive.
     """
 
     def __init__(
@@ -67,6 +83,9 @@ class LocalCollector:
         port: int = 0,
         rate_limit: int | None = None,
         keyless_rate_limit: int | None = None,
+        rate_limit_mode: str = "bucket",
+        rate_limit_window: float = 60.0,
+        send_retry_after: bool = True,
         db_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self.db_path = os.fspath(db_path) if db_path is not None else None
@@ -77,6 +96,9 @@ class LocalCollector:
             port=port,
             rate_limit=rate_limit,
             keyless_rate_limit=keyless_rate_limit,
+            rate_limit_mode=rate_limit_mode,
+            rate_limit_window=rate_limit_window,
+            send_retry_after=send_retry_after,
             record_requests=True,
         )
         self._store_open = self.db_path is None
@@ -91,6 +113,24 @@ class LocalCollector:
     def server_key(self) -> str:
         """The key clients must send in ``X-Produl-Server-Key``."""
         return self._server.server_key
+
+    @property
+    def access_token(self) -> str:
+        """The token that unlocks ``GET``/``DELETE /api/events``.
+
+        Send it as ``Authorization: Bearer <token>`` (the server key in
+        ``X-Produl-Server-Key`` works too).
+        """
+        return self._server.access_token
+
+    @property
+    def page_url(self) -> str:
+        """The live page's address, with :attr:`access_token` in its fragment.
+
+        Raises:
+            RuntimeError: If the collector is not running.
+        """
+        return self._server.page_url
 
     @property
     def url(self) -> str:

@@ -98,7 +98,7 @@ def test_sqlite_readonly_reads_and_refuses_missing_file(tmp_path: pathlib.Path) 
     reader = SqliteStore(path, readonly=True)
     try:
         assert [s.event for s in reader.query()] == [PAID]
-        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        with pytest.raises(StoreError, match="readonly"):
             reader.add(dict(PV), 4.0)
     finally:
         reader.close()

@@ -39,8 +39,12 @@ def filled(http: urllib3.PoolManager, produl_collector: LocalCollector) -> Local
     return produl_collector
 
 
+def auth(collector: LocalCollector) -> dict[str, str]:
+    return {"Authorization": f"Bearer {collector.access_token}"}
+
+
 def get_events(http: urllib3.PoolManager, collector: LocalCollector, query: str = "") -> dict:  # type: ignore[type-arg]
-    response = http.request("GET", collector.url + "/api/events" + query)
+    response = http.request("GET", collector.url + "/api/events" + query, headers=auth(collector))
     assert response.status == 200
     assert response.headers["Content-Type"] == "application/json"
     return response.json()  # type: ignore[no-any-return]
@@ -84,13 +88,15 @@ def test_filters(
 def test_refuses_a_bad_limit(
     http: urllib3.PoolManager, produl_collector: LocalCollector, limit: str
 ) -> None:
-    response = http.request("GET", f"{produl_collector.url}/api/events?limit={limit}")
+    response = http.request(
+        "GET", f"{produl_collector.url}/api/events?limit={limit}", headers=auth(produl_collector)
+    )
     assert response.status == 400
     assert response.json()["field"] == "limit"
 
 
 def test_delete_forgets_everything(http: urllib3.PoolManager, filled: LocalCollector) -> None:
-    response = http.request("DELETE", filled.url + "/api/events")
+    response = http.request("DELETE", filled.url + "/api/events", headers=auth(filled))
 
     assert response.status == 204
     assert filled.events == []
@@ -109,7 +115,8 @@ def test_inspection_api_is_not_readable_cross_origin(
     http: urllib3.PoolManager, filled: LocalCollector
 ) -> None:
     # Another site open in the same browser must not read the local events.
-    response = http.request("GET", filled.url + "/api/events")
+    response = http.request("GET", filled.url + "/api/events", headers=auth(filled))
+    assert response.status == 200
     assert "Access-Control-Allow-Origin" not in response.headers
 
 

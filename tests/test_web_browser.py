@@ -62,7 +62,7 @@ def page(browser: Any, produl_collector: LocalCollector) -> Iterator[Any]:
     opened.on("pageerror", lambda error: errors.append(str(error)))
     opened.on("dialog", lambda dialog: dialog.accept())
     opened.set_default_timeout(WAIT_MS)
-    opened.goto(produl_collector.url + "/")
+    opened.goto(produl_collector.page_url)
     yield opened
     context.close()
     assert errors == [], f"JavaScript errors on the page: {errors}"
@@ -174,10 +174,39 @@ def test_page_reports_an_unreachable_collector(browser: Any, tmp_path: pathlib.P
     try:
         page = context.new_page()
         page.set_default_timeout(WAIT_MS)
-        page.goto(collector.url + "/")
+        page.goto(collector.page_url)
         expect(page.locator("#status")).to_contain_text("live")
         collector.stop()
         expect(page.locator("#status")).to_contain_text("unreachable")
     finally:
         context.close()
         collector.stop()
+
+
+def test_page_without_the_token_is_locked_until_one_is_pasted(
+    browser: Any, produl: Produl, produl_collector: LocalCollector
+) -> None:
+    from playwright.sync_api import expect
+
+    produl.track_event("signup", visitor_id="u1")
+    assert produl.flush(timeout=10)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(produl_collector.url + "/")  # no #token=...
+        expect(page.locator("#status")).to_contain_text("locked")
+        expect(page.locator("#unlock")).to_be_visible()
+        assert rows(page).count() == 0
+
+        page.fill("#token", "not-the-token")
+        page.click("#unlock button")
+        expect(page.locator("#status")).to_contain_text("locked")
+
+        page.fill("#token", produl_collector.server_key)  # the key works too
+        page.click("#unlock button")
+        expect(rows(page)).to_have_count(1)
+        expect(page.locator("#unlock")).to_be_hidden()
+        expect(page.locator("#status")).to_contain_text("live")
+    finally:
+        context.close()

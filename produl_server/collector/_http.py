@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
+import re
 import socket
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from produl_server._protocol import ALIAS_PATH, COLLECT_PATH, KEY_HEADER, MAX_BODY, WireError
-from produl_server._protocol import check_wire_event as _check
 from produl_server._version import __version__
 from produl_server.collector import _web
+from produl_server.collector._access import AUTH_HEADER, bearer, same_secret
+from produl_server.collector._format import escape_controls
 from produl_server.collector._record import Headers, RecordedRequest
-from produl_server.collector._store import Query
+from produl_server.collector._store import Query, StoreError
+from produl_server.collector._validate import ascii_int, check_event, site_id
 
 if TYPE_CHECKING:
+    from produl_server.collector._ratelimit import RateLimiter
     from produl_server.collector._server import CollectorServer
 
 logger = logging.getLogger("produl_server.collector")
@@ -32,10 +36,25 @@ _DISCARD_LIMIT = 16 * 1024 * 1024
 _CHUNK = 64 * 1024
 MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
+#: A chunk size: hex digits only (int(x, 16) also takes "0x1", "+1", "1_0").
+_CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,8}")
+_UNPARSED: Any = object()
 
 
 class _BadRequestError(Exception):
     """The request framing is broken; answer 400 and close the connection."""
+
+
+class _RefusedError(Exception):
+    """Answer the request with this status and JSON error body, and stop."""
+
+    def __init__(
+        self, status: int, body: dict[str, str], headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(body["message"])
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
 
 
 def _reject_constant(name: str) -> Any:
@@ -44,6 +63,15 @@ def _reject_constant(name: str) -> Any:
 
 def _error(code: str, message: str, field: str | None = None) -> dict[str, str]:
     return WireError(code, message, field).as_body()
+
+
+def _encode(body: dict[str, Any] | list[Any]) -> bytes:
+    try:
+        return json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (echoed from a client, say) has no UTF-8 form;
+        # ASCII escapes keep the answer valid JSON instead of no answer.
+        return json.dumps(body).encode()
 
 
 class CollectorHandler(BaseHTTPRequestHandler):
@@ -70,19 +98,52 @@ class CollectorHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._start_request()
+
+    def _start_request(self) -> None:
         self._arrived = time.time()
         self._body = b""
+        self._parsed: Any = _UNPARSED
         self._cors = True
+        self._answered = False
 
     def parse_request(self) -> bool:
-        self._arrived = time.time()
-        self._body = b""
-        self._cors = True
-        return super().parse_request()
+        self._start_request()
+        if not super().parse_request():
+            return False
+        if self._host_allowed():
+            return True
+        # Issue #9, item 9: a DNS-rebinding page reaches 127.0.0.1 under its
+        # own name. Closing also spares reading a body we will not use.
+        self.close_connection = True
+        message = (
+            "This collector answers only to a loopback name or address, "
+            "the address it is bound to, or an allowed host name, with its port."
+        )
+        self._reply(421, _error("invalid_host", message, "Host"))
+        return False
+
+    def _host_allowed(self) -> bool:
+        if urlsplit(self.path).scheme.lower() in ("http", "https"):
+            # The absolute form is what a forward proxy receives (the SDK's
+            # proxy tests use the collector as one). A browser never sends it
+            # to a server it reaches directly, so DNS rebinding cannot; and
+            # the Host check is a defence against browsers only: any other
+            # client can send any Host. The events stay behind the token.
+            return True
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) != 1:
+            return False
+        return self.collector.host_check.allows(hosts[0], self.server.server_port)
 
     def log_message(self, format: str, *args: Any) -> None:
-        """Send the access log to the ``produl_server.collector`` logger at DEBUG."""
-        logger.debug("%s - " + format, self.client_address[0], *args)
+        """Send the access log to the ``produl_server.collector`` logger at DEBUG.
+
+        The request line is the client's: it is escaped like printed events,
+        so ``-v`` cannot be used to inject terminal escapes.
+        """
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s - %s", self.client_address[0], escape_controls(format % args))
 
     def end_headers(self) -> None:
         if self._cors:
@@ -98,10 +159,11 @@ class CollectorHandler(BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
     ) -> None:
         if isinstance(body, (dict, list)):
-            body = json.dumps(body, ensure_ascii=False).encode()
+            body = _encode(body)
         # Recorded before the answer leaves, so a client that has its answer
         # always finds the request in LocalCollector.requests.
         self._record(status)
+        self._answered = True
         self.send_response(status)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
@@ -114,6 +176,32 @@ class CollectorHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD" and status != 204:
             self.wfile.write(body)
         self.wfile.flush()
+
+    def _run(self, action: Callable[[], None]) -> None:
+        """Answer with ``action``; a failure of the collector still gets an answer.
+
+        Issue #9, item 10: an exception used to close the socket with a DEBUG
+        line, so a full disk left clients unanswered and nothing on stderr.
+        """
+        try:
+            action()
+        except OSError:
+            raise  # the client went away; handle_error notes it at DEBUG
+        except StoreError as exc:
+            self._fail(503, "storage_unavailable", "storage", exc)
+        except Exception as exc:
+            self.close_connection = True  # unknown state: start afresh
+            self._fail(500, "internal_error", "request", exc)
+
+    def _fail(self, status: int, code: str, cause: str, exc: Exception) -> None:
+        self.collector.report_failure(cause, exc, traceback=status == 500)
+        if self._answered:
+            self.close_connection = True  # the answer is half out; end it
+            return
+        message = f"The collector failed to answer: {exc}"
+        if status == 503:
+            message = f"The collector cannot use its event store: {exc}"
+        self._reply(status, _error(code, message))
 
     def _drop(self) -> None:
         """Close the connection without answering (a simulated network failure)."""
@@ -146,10 +234,9 @@ class CollectorHandler(BaseHTTPRequestHandler):
         """
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return self._read_chunked()
-        raw = self.headers.get("Content-Length", "0").strip()
-        if not raw.isdigit():
-            raise _BadRequestError("Content-Length is not a number.")
-        length = int(raw)
+        length = ascii_int(self.headers.get("Content-Length", "0").strip())
+        if length is None:
+            raise _BadRequestError("Content-Length is not a number in ASCII digits.")
         if length <= MAX_BODY:
             self._body = self.rfile.read(length)
             if len(self._body) < length:
@@ -170,10 +257,9 @@ class CollectorHandler(BaseHTTPRequestHandler):
         size_total = 0
         while True:
             line = self.rfile.readline(1024).split(b";", 1)[0].strip()
-            try:
-                size = int(line, 16)
-            except ValueError:
-                raise _BadRequestError("Bad chunk size in a chunked body.") from None
+            if not _CHUNK_SIZE.fullmatch(line):
+                raise _BadRequestError("Bad chunk size in a chunked body.")
+            size = int(line, 16)
             if size == 0:
                 while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass  # trailers
@@ -190,10 +276,46 @@ class CollectorHandler(BaseHTTPRequestHandler):
         self._body = b"".join(parts)
         return True
 
+    def _read_body_quietly(self) -> None:
+        try:
+            self._read_body()
+        except _BadRequestError:
+            self.close_connection = True
+
     # -- methods --------------------------------------------------------------
 
     def do_POST(self) -> None:
         """Accept one event on ``/api/collect`` or ``/r``."""
+        self._run(self._post)
+
+    def do_OPTIONS(self) -> None:
+        """Answer a browser's CORS preflight for the collection API."""
+        self._run(self._options)
+
+    def do_GET(self) -> None:
+        """Serve the page, its static files, ``/api/events`` and ``/healthz``."""
+        self._run(self._get)
+
+    def do_HEAD(self) -> None:
+        """Like ``GET``, without the body."""
+        self._run(self._get)
+
+    def do_DELETE(self) -> None:
+        """``DELETE /api/events`` forgets every stored event."""
+        self._run(self._delete)
+
+    def do_PUT(self) -> None:
+        """Refuse other methods, after reading their body."""
+        self._read_body_quietly()
+        self._reply(405, _error("method_not_allowed", f"{self.command} is not supported."))
+
+    def do_PATCH(self) -> None:
+        """Refuse ``PATCH``, after reading its body."""
+        self.do_PUT()
+
+    # -- the collection API ---------------------------------------------------
+
+    def _post(self) -> None:
         path = urlsplit(self.path).path
         try:
             within_limit = self._read_body()
@@ -219,38 +341,76 @@ class CollectorHandler(BaseHTTPRequestHandler):
         self._collect(within_limit)
 
     def _collect(self, within_limit: bool) -> None:
-        collector = self.collector
-        key = self.headers.get(KEY_HEADER)
-        limiter = collector.keyed_limiter if key is not None else collector.keyless_limiter
-        wait = limiter.acquire(self.client_address[0]) if limiter is not None else None
-        if wait is not None:
-            body = _error("rate_limited", f"Too many requests; retry in {wait} s.")
-            self._reply(429, body, headers={"Retry-After": str(wait)})
-            return
-        if key is None:
-            body = _error("missing_key", f"Send your server key in {KEY_HEADER}.", KEY_HEADER)
-            self._reply(401, body)
-            return
-        if not hmac.compare_digest(key.encode(), collector.server_key.encode()):
-            self._reply(401, _error("invalid_key", "Unknown server key.", KEY_HEADER))
-            return
-        if not within_limit:
-            message = f"The body is larger than {MAX_BODY} bytes."
-            self._reply(413, _error("body_too_large", message))
-            return
         try:
-            event = _check(json.loads(self._body, parse_constant=_reject_constant))
-        except WireError as exc:
-            self._reply(400, exc.as_body())
+            event = self._admit(within_limit)
+        except _RefusedError as refusal:
+            self._reply(refusal.status, refusal.body, headers=refusal.headers)
             return
-        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError
-            self._reply(400, _error("invalid_json", "The body is not valid UTF-8 JSON."))
-            return
-        collector.accept(event, self._arrived)
+        self.collector.accept(event, self._arrived)  # StoreError: 503 in _run
         self._reply(204)
 
-    def do_OPTIONS(self) -> None:
-        """Answer a browser's CORS preflight for the collection API."""
+    def _admit(self, within_limit: bool) -> dict[str, Any]:
+        """The event, once the key, the rate limit and validation allow it.
+
+        The key comes first (issue #9, item 12a): a wrong key is a 401 and
+        uses no quota, as at Produl.
+
+        Raises:
+            _RefusedError: With the answer for a request that is not accepted.
+        """
+        key = self.headers.get(KEY_HEADER)
+        if key is not None:
+            if not same_secret(key, self.collector.server_key):
+                raise _RefusedError(401, _error("invalid_key", "Unknown server key.", KEY_HEADER))
+            limiter = self.collector.keyed_limiter
+        else:
+            # A browser request names its site in the body's k and is
+            # accepted at the keyless rate (issue #9, item 12b).
+            if not within_limit:
+                raise _RefusedError(413, _error("body_too_large", _TOO_LARGE))
+            if site_id(self._decoded_or_none()) is None:
+                raise _RefusedError(401, _error("missing_key", _MISSING_KEY, KEY_HEADER))
+            limiter = self.collector.keyless_limiter
+        self._check_rate(limiter)
+        if not within_limit:
+            raise _RefusedError(413, _error("body_too_large", _TOO_LARGE))
+        try:
+            return check_event(self._decoded())
+        except WireError as exc:
+            raise _RefusedError(400, exc.as_body()) from None
+
+    def _check_rate(self, limiter: RateLimiter | None) -> None:
+        wait = limiter.acquire(self.client_address[0]) if limiter is not None else None
+        if wait is None:
+            return
+        if not self.collector.send_retry_after:
+            # Produl never promises Retry-After (issue #9, item 12d).
+            raise _RefusedError(429, _error("rate_limited", "Too many requests; slow down."))
+        body = _error("rate_limited", f"Too many requests; retry in {wait} s.")
+        raise _RefusedError(429, body, {"Retry-After": str(wait)})
+
+    def _decoded(self) -> Any:
+        """The body as JSON, decoded once.
+
+        Raises:
+            WireError: When it is not UTF-8 JSON with finite numbers.
+        """
+        if self._parsed is _UNPARSED:
+            try:
+                self._parsed = json.loads(self._body, parse_constant=_reject_constant)
+            except WireError:
+                raise
+            except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
+                raise WireError("invalid_json", "The body is not valid UTF-8 JSON.") from None
+        return self._parsed
+
+    def _decoded_or_none(self) -> Any:
+        try:
+            return self._decoded()
+        except WireError:
+            return None
+
+    def _options(self) -> None:
         self._read_body_quietly()
         headers = {
             "Access-Control-Allow-Methods": "POST, OPTIONS",
@@ -259,8 +419,9 @@ class CollectorHandler(BaseHTTPRequestHandler):
         }
         self._reply(204, headers=headers)
 
-    def do_GET(self) -> None:
-        """Serve the page, its static files, ``/api/events`` and ``/healthz``."""
+    # -- the page and the inspection API --------------------------------------
+
+    def _get(self) -> None:
         url = urlsplit(self.path)
         if url.path == HEALTH_PATH:
             self._reply(200, {"status": "ok", "events": self.collector.store.count()})
@@ -269,7 +430,8 @@ class CollectorHandler(BaseHTTPRequestHandler):
         # in the same browser must not read (or wipe) the local events.
         self._cors = False
         if url.path == EVENTS_PATH:
-            self._list_events(url.query)
+            if self._may_inspect():
+                self._list_events(url.query)
             return
         page = _web.asset(url.path)
         if page is None:
@@ -279,39 +441,47 @@ class CollectorHandler(BaseHTTPRequestHandler):
         content, content_type = page
         self._reply(200, content, content_type=content_type, headers={"Cache-Control": "no-cache"})
 
-    def do_HEAD(self) -> None:
-        """Like ``GET``, without the body."""
-        self.do_GET()
-
-    def do_DELETE(self) -> None:
-        """``DELETE /api/events`` forgets every stored event."""
+    def _delete(self) -> None:
         self._read_body_quietly()
         self._cors = False
         if urlsplit(self.path).path != EVENTS_PATH:
             self._reply(405, _error("method_not_allowed", "Only /api/events can be deleted."))
             return
-        self.collector.store.clear()
-        self._reply(204)
+        if self._may_inspect():
+            self.collector.store.clear()
+            self._reply(204)
 
-    def do_PUT(self) -> None:
-        """Refuse other methods, after reading their body."""
-        self._read_body_quietly()
-        self._reply(405, _error("method_not_allowed", f"{self.command} is not supported."))
+    def _may_inspect(self) -> bool:
+        """Whether the request carries the token or the server key; else answer 401.
 
-    def do_PATCH(self) -> None:
-        """Refuse ``PATCH``, after reading its body."""
-        self.do_PUT()
-
-    def _read_body_quietly(self) -> None:
-        try:
-            self._read_body()
-        except _BadRequestError:
-            self.close_connection = True
+        Issue #9, item 9: the events are the developer's, not the network's.
+        """
+        collector = self.collector
+        key = self.headers.get(KEY_HEADER)
+        credential = bearer(self.headers.get(AUTH_HEADER))
+        if key is not None and same_secret(key, collector.server_key):
+            return True
+        if credential is not None and (
+            same_secret(credential, collector.access_token)
+            or same_secret(credential, collector.server_key)
+        ):
+            return True
+        message = (
+            "Reading or deleting events needs the collector's access token "
+            "(Authorization: Bearer <token>; the live page's address carries it) "
+            f"or the server key ({KEY_HEADER})."
+        )
+        self._reply(
+            401,
+            _error("unauthorized", message, AUTH_HEADER),
+            headers={"WWW-Authenticate": 'Bearer realm="produl-collector"'},
+        )
+        return False
 
     def _list_events(self, query_string: str) -> None:
         params = {k: v[-1] for k, v in parse_qs(query_string).items()}
-        raw_limit = params.get("limit", str(DEFAULT_LIST_LIMIT))
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+        limit = ascii_int(params.get("limit", str(DEFAULT_LIST_LIMIT)))
+        if limit is None or not 1 <= limit <= MAX_LIST_LIMIT:
             message = f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}."
             self._reply(400, _error("invalid_limit", message, "limit"))
             return
@@ -319,7 +489,7 @@ class CollectorHandler(BaseHTTPRequestHandler):
             type=params.get("t") or None,
             name=params.get("n") or None,
             visitor_id=params.get("vi") or None,
-            limit=int(raw_limit),
+            limit=limit,
         )
         store = self.collector.store
         body = {
@@ -328,3 +498,9 @@ class CollectorHandler(BaseHTTPRequestHandler):
             "counts": store.counts(),
         }
         self._reply(200, body)
+
+
+_TOO_LARGE = f"The body is larger than {MAX_BODY} bytes."
+_MISSING_KEY = (
+    f"Send your server key in {KEY_HEADER} (a browser request names its site id in k instead)."
+)

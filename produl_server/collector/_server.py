@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import ThreadingHTTPServer
 from typing import Any
 
 from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
+from produl_server.collector._access import HostCheck
 from produl_server.collector._faults import Faults
 from produl_server.collector._http import CollectorHandler
-from produl_server.collector._ratelimit import RateLimiter
+from produl_server.collector._ratelimit import DEFAULT_RATE_LIMIT_MODE, DEFAULT_WINDOW, RateLimiter
 from produl_server.collector._record import RecordedRequest
 from produl_server.collector._store import Store, StoredEvent
 
@@ -64,7 +66,9 @@ class _HTTPServer(ThreadingHTTPServer):
                 self._open.pop(threading.current_thread(), None)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # The default prints a traceback to stderr; a client vanishing is normal.
+        # The default prints a traceback to stderr; a client vanishing is
+        # normal. Failures of the collector itself are answered (500/503) and
+        # logged at ERROR by the handler before they could get here.
         logger.debug("error while answering %s", client_address, exc_info=True)
 
     def close_connections(self, timeout: float) -> None:
@@ -96,13 +100,24 @@ class CollectorServer:
         host: Interface to bind.
         port: TCP port; 0 picks a free one.
         rate_limit: Keyed requests per minute per client IP; ``None`` for no limit.
-        keyless_rate_limit: Requests without a key per minute per client IP;
-            ``None`` for no limit.
+        keyless_rate_limit: Requests without a key (browser requests carrying
+            a site id ``k``) per minute per client IP; ``None`` for no limit.
+        rate_limit_mode: The window's shape: ``"bucket"`` (the default, a
+            token bucket), ``"fixed"`` or ``"sliding"``; see
+            :class:`RateLimiter`.
+        rate_limit_window: Seconds per window; 60 (a minute) like Produl.
+        send_retry_after: Send ``Retry-After`` with each ``429``. Produl
+            does not promise the header; ``False`` answers without it.
+        access_token: The secret that unlocks ``/api/events`` besides the
+            server key; ``None`` generates one.
+        allowed_hosts: Names to accept in the ``Host`` header besides
+            loopback names and the bound address (e.g. a container's name).
         record_requests: Remember every request (for tests; grows without bound).
         on_event: Called with each stored event, on the connection's thread.
 
     Raises:
-        ValueError: When ``server_key`` is empty.
+        ValueError: When ``server_key`` or ``access_token`` is empty, or a
+            rate-limit option is invalid.
     """
 
     def __init__(
@@ -114,19 +129,37 @@ class CollectorServer:
         port: int = 0,
         rate_limit: int | None = KEYED_RATE_LIMIT,
         keyless_rate_limit: int | None = KEYLESS_RATE_LIMIT,
+        rate_limit_mode: str = DEFAULT_RATE_LIMIT_MODE,
+        rate_limit_window: float = DEFAULT_WINDOW,
+        send_retry_after: bool = True,
+        access_token: str | None = None,
+        allowed_hosts: Iterable[str] = (),
         record_requests: bool = False,
         on_event: Callable[[StoredEvent], None] | None = None,
     ) -> None:
         if not server_key:
             raise ValueError("the collector needs a server key")
+        if access_token is not None and not access_token:
+            raise ValueError("the access token must not be empty")
         self.store = store
         self.server_key = server_key
+        #: Unlocks ``GET``/``DELETE /api/events`` (as does the server key).
+        self.access_token = access_token or secrets.token_urlsafe(24)
         self.host = host
+        self.host_check = HostCheck(host, allowed_hosts)
         self.requested_port = port
-        self.keyed_limiter = RateLimiter(rate_limit) if rate_limit is not None else None
-        self.keyless_limiter = (
-            RateLimiter(keyless_rate_limit) if keyless_rate_limit is not None else None
-        )
+
+        def limiter(limit: int | None) -> RateLimiter | None:
+            if limit is None:
+                return None
+            return RateLimiter(limit, mode=rate_limit_mode, window=rate_limit_window)
+
+        self.keyed_limiter = limiter(rate_limit)
+        self.keyless_limiter = limiter(keyless_rate_limit)
+        # Validates the mode and window even when both limits are off.
+        RateLimiter(1, mode=rate_limit_mode, window=rate_limit_window)
+        self.send_retry_after = send_retry_after
+        self._failures_logged: set[str] = set()
         self.record_requests = record_requests
         self.on_event = on_event
         self.faults = Faults()
@@ -159,6 +192,19 @@ class CollectorServer:
         """
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def page_url(self) -> str:
+        """The live page's address, carrying the access token.
+
+        The token travels in the fragment (``#token=…``): the browser never
+        sends it to a server, logs or a ``Referer``; the page's script reads
+        it and sends it with each request to ``/api/events``.
+
+        Raises:
+            RuntimeError: If the server is not running.
+        """
+        return f"{self.url}/#token={self.access_token}"
 
     @property
     def running(self) -> bool:
@@ -226,15 +272,42 @@ class CollectorServer:
         Args:
             event: A validated wire dict.
             received_at: Unix seconds.
+
+        Raises:
+            StoreError: If the store cannot keep it (disk full, database
+                corrupted): the handler answers 503.
         """
         stored = self.store.add(event, received_at)
         with self.changed:
+            self._failures_logged.clear()  # recovered: log a recurrence again
             self.changed.notify_all()
         if self.on_event is not None:
             try:
                 self.on_event(stored)
             except Exception:
                 logger.exception("on_event callback failed")
+
+    def report_failure(self, cause: str, exc: BaseException, *, traceback: bool = False) -> None:
+        """Log a failure of the collector at ERROR, once per distinct cause.
+
+        A full disk fails every POST the same way; one line says so, and the
+        repeats go to DEBUG. Once an event is stored again, a cause that
+        recurs is logged again.
+
+        Args:
+            cause: What failed, e.g. ``"storage"``.
+            exc: The exception.
+            traceback: Log the traceback too (for unexpected errors).
+        """
+        # The root error is the cause: a corrupted file fails inserts, reads
+        # and counts alike, with one line of news.
+        root = exc.__cause__ or exc
+        what = f"{cause}: {type(root).__name__}: {root}"
+        with self.changed:
+            first = what not in self._failures_logged
+            self._failures_logged.add(what)
+        level = logging.ERROR if first else logging.DEBUG
+        logger.log(level, "collector %s failure: %s", cause, exc, exc_info=traceback and first)
 
     def record(self, request: RecordedRequest) -> None:
         """Remember one answered (or dropped) request, if recording.

@@ -9,11 +9,13 @@ answers each connection on its own thread.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import os
 import sqlite3
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -37,7 +39,12 @@ CREATE INDEX IF NOT EXISTS events_vi ON events (vi);
 
 
 class StoreError(ProdulError):
-    """The event store cannot be opened or used (bad path, not a database)."""
+    """The event store cannot be opened or used.
+
+    Raised when opening (bad path, not a database) and, by
+    :class:`SqliteStore`, when a read or write fails later (disk full,
+    database corrupted or removed while running).
+    """
 
 
 @attrs.frozen
@@ -238,7 +245,7 @@ class SqliteStore(Store):
     def add(self, event: dict[str, Any], received_at: float) -> StoredEvent:
         body = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
         row = (received_at, event["t"], event.get("n"), event.get("vi"), body)
-        with self._lock:
+        with self._using("store the event"):
             cursor = self._db.execute(
                 "INSERT INTO events (received_at, t, n, vi, body) VALUES (?, ?, ?, ?, ?)", row
             )
@@ -258,12 +265,12 @@ class SqliteStore(Store):
         if query.limit is not None:
             sql += " LIMIT ?"
             args.append(str(query.limit))
-        with self._lock:
+        with self._using("read events"):
             rows = self._db.execute(sql, args).fetchall()
-        return [StoredEvent(r[0], r[1], json.loads(r[2])) for r in rows]
+            return [StoredEvent(r[0], r[1], json.loads(r[2])) for r in rows]
 
     def count(self) -> int:
-        with self._lock:
+        with self._using("count events"):
             return int(self._db.execute("SELECT count(*) FROM events").fetchone()[0])
 
     def counts(self) -> dict[str, int]:
@@ -271,16 +278,26 @@ class SqliteStore(Store):
             "SELECT CASE WHEN t = 'ev' THEN n ELSE 'pageview' END AS k, count(*) AS c"
             " FROM events GROUP BY k ORDER BY c DESC, k"
         )
-        with self._lock:
+        with self._using("count events"):
             return {str(k): int(c) for k, c in self._db.execute(sql)}
 
     def clear(self) -> None:
-        with self._lock:
+        with self._using("delete events"):
             self._db.execute("DELETE FROM events")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextlib.contextmanager
+    def _using(self, doing: str) -> Iterator[None]:
+        """Hold the lock; turn a database failure into a :class:`StoreError`."""
+        with self._lock:
+            try:
+                yield
+            # ValueError: a row that is not JSON (the file was tampered with).
+            except (sqlite3.Error, ValueError) as exc:
+                raise StoreError(f"cannot {doing} in {self.path}: {exc}") from exc
 
 
 def _uri_path(path: str) -> str:

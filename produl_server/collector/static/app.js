@@ -1,13 +1,32 @@
 // Live view of the events a local Produl collector received.
 // Polls GET /api/events once a second; renders with textContent only, so an
 // event's content can never inject markup into the page.
+// Reading events needs the collector's access token: the address it prints
+// carries it in the fragment (#token=...), which never leaves the browser;
+// it is kept for this tab and sent as "Authorization: Bearer <token>".
 "use strict";
 
 const POLL_MS = 1000;
 const LIMIT = 200;
+const TOKEN_KEY = "produl-collector-token";
 const $ = (id) => document.getElementById(id);
 let seen = new Set();
 let firstLoad = true;
+
+function takeTokenFromAddress() {
+  const hash = new URLSearchParams(window.location.hash.slice(1));
+  const token = hash.get("token");
+  if (token) sessionStorage.setItem(TOKEN_KEY, token);
+}
+
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+function showLock(locked) {
+  $("unlock").hidden = !locked;
+}
 
 function filters() {
   const params = new URLSearchParams({ limit: String(LIMIT) });
@@ -73,8 +92,17 @@ function setStatus(text, state) {
 
 async function refresh() {
   try {
-    const response = await fetch("/api/events?" + filters().toString(), { cache: "no-store" });
+    const response = await fetch("/api/events?" + filters().toString(), {
+      cache: "no-store",
+      headers: authHeaders(),
+    });
+    if (response.status === 401) {
+      showLock(true);
+      setStatus("locked: open the address the collector printed, or paste its token", "locked");
+      return;
+    }
     if (!response.ok) throw new Error("HTTP " + response.status);
+    showLock(false);
     const data = await response.json();
     renderEvents(data.events);
     renderCounts(data.counts, data.total);
@@ -93,7 +121,19 @@ $("filters").addEventListener("input", refresh);
 $("filters").addEventListener("submit", (event) => event.preventDefault());
 $("reset").addEventListener("click", async () => {
   if (!window.confirm("Delete every stored event?")) return;
-  await fetch("/api/events", { method: "DELETE" });
+  await fetch("/api/events", { method: "DELETE", headers: authHeaders() });
   await refresh();
 });
+$("unlock").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const token = $("token").value.trim();
+  if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  $("token").value = "";
+  await refresh();
+});
+window.addEventListener("hashchange", () => {
+  takeTokenFromAddress();
+  refresh();
+});
+takeTokenFromAddress();
 poll();
