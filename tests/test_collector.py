@@ -66,20 +66,26 @@ def test_events_are_copies(http: urllib3.PoolManager, produl_collector: LocalCol
 
 
 @pytest.mark.parametrize(
-    ("key", "code"), [(None, "missing_key"), ("sk_wrong_key_1234", "invalid_key")]
+    ("key", "code", "message"),
+    [
+        (None, "missing_key", "Send your server key in X-Produl-Server-Key"),
+        ("sk_wrong_key_1234", "invalid_key", "Unknown server key."),
+    ],
 )
 def test_refuses_a_missing_or_wrong_key_with_401(
-    http: urllib3.PoolManager, produl_collector: LocalCollector, key: str | None, code: str
+    http: urllib3.PoolManager,
+    produl_collector: LocalCollector,
+    key: str | None,
+    code: str,
+    message: str,
 ) -> None:
     response = post(http, produl_collector, key=key)
 
     assert response.status == 401
     assert response.headers["Access-Control-Allow-Origin"] == "*"
-    assert response.json() == {
-        "error": code,
-        "message": response.json()["message"],
-        "field": KEY_HEADER,
-    }
+    body = response.json()
+    assert body["message"].startswith(message)
+    assert body == {"error": code, "message": body["message"], "field": KEY_HEADER}
     assert produl_collector.server_key not in response.data.decode()
     assert produl_collector.events == []
     assert [r.status for r in produl_collector.requests] == [401]

@@ -102,6 +102,7 @@ class CollectorHandler(BaseHTTPRequestHandler):
 
     def _start_request(self) -> None:
         self._arrived = time.time()
+        self._arrived_monotonic = time.monotonic()
         self._body = b""
         self._parsed: Any = _UNPARSED
         self._cors = True
@@ -219,7 +220,7 @@ class CollectorHandler(BaseHTTPRequestHandler):
                 body=self._body,
                 status=status,
                 client_port=int(self.client_address[1]),
-                time=self._arrived,
+                time=self._arrived_monotonic,
             )
         )
 

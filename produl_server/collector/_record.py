@@ -58,7 +58,8 @@ class RecordedRequest:
             dropped without an answer (:meth:`~produl_server.testing.LocalCollector.drop_next`).
         client_port: The client's TCP port: equal ports mean one kept-alive
             connection carried both requests.
-        time: When the request arrived, in Unix seconds.
+        time: When the request arrived, on ``time.monotonic()``'s clock,
+            so that differences between requests are true intervals.
     """
 
     method: str
