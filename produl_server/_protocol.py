@@ -98,33 +98,8 @@ def check_wire_event(obj: Any) -> dict[str, Any]:
     if kind not in (PAGEVIEW, EVENT):
         raise WireError("invalid_type", 't must be "pv" (pageview) or "ev" (event).', "t")
     for key, value in obj.items():
-        if key not in WIRE_KEYS and key not in BROWSER_KEYS:
-            raise WireError("unknown_field", f"Unknown key {key!r}.", key)
-        if value is None:
-            raise WireError("null_field", f"{key} is null; omit absent keys instead.", key)
-        if key in STRING_LIMITS:
-            low, high = STRING_LIMITS[key]
-            if not isinstance(value, str):
-                raise WireError("invalid_field", f"{key} must be a string.", key)
-            if not low <= len(value) <= high:
-                raise WireError(
-                    "field_length",
-                    f"{key} must be {low} to {high} characters long, not {len(value)}.",
-                    key,
-                )
-    if kind == EVENT and "n" not in obj:
-        raise WireError("missing_field", "An event needs a name (n).", "n")
-    if kind == PAGEVIEW:
-        for key in ("p", "vi"):
-            if key not in obj:
-                raise WireError("missing_field", f"A pageview needs {key}.", key)
-        for key in ("n", "pr"):
-            if key in obj:
-                raise WireError("invalid_field", f"A pageview has no {key}.", key)
-    else:
-        for key in ("ti", "r"):
-            if key in obj:
-                raise WireError("invalid_field", f"An event has no {key}.", key)
+        _check_field(key, value)
+    _check_shape(obj, kind)
     if "p" in obj and not obj["p"].startswith("/"):
         raise WireError("invalid_path", "p must start with '/'.", "p")
     if "pr" in obj:
@@ -133,6 +108,41 @@ def check_wire_event(obj: Any) -> dict[str, Any]:
             raise WireError("invalid_properties", "pr must be a JSON object.", "pr")
         _check_json_value(props, "pr")
     return obj
+
+
+def _check_field(key: str, value: Any) -> None:
+    """One key of the body: known, not null, a string of the right length."""
+    if key not in WIRE_KEYS and key not in BROWSER_KEYS:
+        raise WireError("unknown_field", f"Unknown key {key!r}.", key)
+    if value is None:
+        raise WireError("null_field", f"{key} is null; omit absent keys instead.", key)
+    if key in STRING_LIMITS:
+        low, high = STRING_LIMITS[key]
+        if not isinstance(value, str):
+            raise WireError("invalid_field", f"{key} must be a string.", key)
+        if not low <= len(value) <= high:
+            raise WireError(
+                "field_length",
+                f"{key} must be {low} to {high} characters long, not {len(value)}.",
+                key,
+            )
+
+
+def _check_shape(obj: dict[str, Any], kind: str) -> None:
+    """The keys a pageview or an event must have, and must not."""
+    if kind == EVENT:
+        required: tuple[str, ...] = ("n",)
+        forbidden: tuple[str, ...] = ("ti", "r")
+        what = "An event"
+    else:
+        required, forbidden, what = ("p", "vi"), ("n", "pr"), "A pageview"
+    for key in required:
+        if key not in obj:
+            needs = "a name (n)" if key == "n" else key
+            raise WireError("missing_field", f"{what} needs {needs}.", key)
+    for key in forbidden:
+        if key in obj:
+            raise WireError("invalid_field", f"{what} has no {key}.", key)
 
 
 def _check_json_value(value: Any, where: str) -> None:

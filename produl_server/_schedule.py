@@ -115,8 +115,8 @@ class Schedule:
         self.failures = 0
         #: No request before this time (a backoff or a Retry-After).
         self.not_before = 0.0
-        #: When the collector stopped answering; 0 while it answers.
-        self.outage_since = 0.0
+        #: When the collector stopped answering; None while it answers.
+        self.outage_since: float | None = None
 
     def gate(self, now: float) -> float:
         """0 and one request of the quota used, or the seconds to wait first."""
@@ -127,7 +127,7 @@ class Schedule:
     def answered(self) -> None:
         """The collector answered (2xx, or a definitive 4xx): no outage."""
         self.failures = 0
-        self.outage_since = 0.0
+        self.outage_since = None
 
     def failed(
         self,
@@ -135,8 +135,8 @@ class Schedule:
         *,
         rate_limited: bool,
         retry_after: float | None,
-        failing_since: float,
-    ) -> tuple[Verdict, float, float]:
+        failing_since: float | None,
+    ) -> tuple[Verdict, float, float | None]:
         """Judge one failed attempt of an event that has failed since *failing_since*.
 
         A 429 never uses up retry time: the collector asked for patience. Any
@@ -146,13 +146,15 @@ class Schedule:
 
         Returns:
             The verdict, the pause before the next attempt, and the event's
-            new ``failing_since`` (0 when its clock does not run).
+            new ``failing_since`` (None while its clock does not run).
         """
         if rate_limited:
-            self.outage_since = 0.0
+            self.outage_since = None
         else:
-            self.outage_since = self.outage_since or now
-            failing_since = failing_since or self.outage_since
+            if self.outage_since is None:
+                self.outage_since = now
+            if failing_since is None:
+                failing_since = self.outage_since
             if now - failing_since >= self._max_retry_time:
                 return Verdict.GIVE_UP, 0.0, failing_since
         self.failures += 1

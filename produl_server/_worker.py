@@ -69,8 +69,8 @@ class Item:
         self.body = body
         self.visitor = visitor
         self.seq = seq
-        #: When this event's retry time started running (0: it has not).
-        self.failing_since = 0.0
+        #: When this event's retry time started running (None: it has not).
+        self.failing_since: float | None = None
 
 
 class _Throttled:
@@ -155,7 +155,7 @@ class _Core:
             failing_since=item.failing_since,
         )
         if verdict is Verdict.GIVE_UP:
-            waited = now - item.failing_since
+            waited = now - (item.failing_since or now)
             detail = f"gave up after {waited:.0f} s of failures ({outcome.detail})"
             self.drop(item, "retries_exhausted", detail, outcome.status)
             return False

@@ -1,0 +1,124 @@
+"""The sender's loops with a scripted transport (the ``transport_factory`` seam): no HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from produl_server import Config
+from produl_server._transport import Outcome, Verdict
+from produl_server._worker import Worker
+
+
+class ScriptedTransport:
+    """Answers from a script; records what was sent and from which thread."""
+
+    def __init__(self, answers=(), latency=0.0):
+        self.answers = list(answers)
+        self.latency = latency
+        self.sent: list[dict] = []
+        self.threads: set[str] = set()
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    def __call__(self, config):
+        return self
+
+    def send(self, body, timeout=None):
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            answer = self.answers.pop(0) if self.answers else Outcome(Verdict.DELIVERED, 204)
+        if self.latency:
+            time.sleep(self.latency)  # the network's time, not the test's
+        with self.lock:
+            self.in_flight -= 1
+            self.threads.add(threading.current_thread().name)
+            if answer.verdict is Verdict.DELIVERED:
+                self.sent.append(json.loads(body))
+        return answer
+
+    def close(self):
+        pass
+
+    def abandon(self):
+        pass
+
+
+def worker(transport, **options):
+    options.setdefault("server_key", "sk_test_key_0000")
+    options.setdefault("api_url", "http://127.0.0.1:9")
+    options.setdefault("max_requests_per_minute", None)
+    options.setdefault("retry_initial_delay", 0.01)
+    options.setdefault("retry_max_delay", 0.02)
+    return Worker(Config(**options), transport_factory=transport)
+
+
+def put(w, visitor, i):
+    w.put(json.dumps({"t": "ev", "n": "e", "vi": visitor, "pr": {"i": i}}).encode(), visitor)
+
+
+def test_lanes_keep_each_visitors_order_and_use_max_in_flight():
+    transport = ScriptedTransport(latency=0.01)
+    w = worker(transport, max_in_flight=4, flush_interval=600)
+    for i in range(200):
+        put(w, f"v{i % 5}", i)
+    assert w.flush(timeout=60)
+    w.close(5)
+    assert len(transport.sent) == 200
+    for visitor in range(5):
+        mine = [e["pr"]["i"] for e in transport.sent if e["vi"] == f"v{visitor}"]
+        assert mine == sorted(mine)
+    assert transport.most_in_flight == 4
+    assert {"produl-server.sender-1", "produl-server.sender-4"} <= transport.threads
+
+
+def test_a_retried_event_goes_back_in_front_and_nothing_is_lost():
+    retry = Outcome(Verdict.RETRY, 503, None, "server_error", "HTTP 503")
+    transport = ScriptedTransport(answers=[retry, retry])
+    w = worker(transport, flush_interval=600)
+    for i in range(5):
+        put(w, "v", i)
+    assert w.flush(timeout=30)
+    assert [e["pr"]["i"] for e in transport.sent] == [0, 1, 2, 3, 4]
+    stats = w.stats()
+    assert (stats.sent, stats.retried, stats.pending) == (5, 2, 0)
+
+
+def test_a_flush_waits_for_everything_queued_before_it_only():
+    gate = threading.Event()
+
+    class Held(ScriptedTransport):
+        def send(self, body, timeout=None):
+            gate.wait(30)
+            return super().send(body, timeout)
+
+    transport = Held()
+    w = worker(transport, flush_interval=600)
+    put(w, "v", 0)
+    assert w.flush(timeout=0.05) is False  # its one event is held
+    gate.set()
+    assert w.flush(timeout=30) is True
+    assert w.stats().sent == 1
+
+
+def test_sync_mode_sends_on_the_callers_thread_and_starts_no_thread():
+    transport = ScriptedTransport()
+    w = worker(transport, sync_mode=True)
+    put(w, "v", 0)
+    assert transport.threads == {threading.current_thread().name}
+    assert w.stats().sent == 1
+
+
+def test_a_shutdown_deadline_counts_what_is_left_exactly_once():
+    transport = ScriptedTransport(latency=0.2)
+    w = worker(transport, flush_interval=600)
+    for i in range(50):
+        put(w, "v", i)
+    w.close(0.3)
+    stats = w.stats()
+    assert stats.pending == 0
+    assert stats.queued == stats.sent + stats.dropped_total == 50
+    assert stats.dropped["shutdown"] == 50 - stats.sent
