@@ -144,23 +144,7 @@ class Transport:
             # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as requests reads them; a
             # collector on this machine is never reached through a proxy.
             proxy = _requests_utils().get_environ_proxies(base).get(url.scheme or "https")
-        tls: dict[str, Any] = {}
-        if url.scheme == "https":
-            if config.verify is False:
-                tls["cert_reqs"] = "CERT_NONE"
-            else:
-                # The trust store requests uses (certifi, or the bundle named
-                # by REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE), unless a path is given.
-                tls["cert_reqs"] = "CERT_REQUIRED"
-                bundle = (
-                    config.verify
-                    if isinstance(config.verify, str)
-                    else os.environ.get("REQUESTS_CA_BUNDLE")
-                    or os.environ.get("CURL_CA_BUNDLE")
-                    or _requests_utils().DEFAULT_CA_BUNDLE_PATH
-                )
-                # requests accepts a directory of hashed certificates too.
-                tls["ca_cert_dir" if os.path.isdir(bundle) else "ca_certs"] = bundle
+        tls = _tls_options(config, url.scheme)
         manager: urllib3.PoolManager
         if proxy:
             proxy_headers = _proxy_headers(proxy)
@@ -243,6 +227,29 @@ class Transport:
         for connection in list(idle):
             if connection is not None:
                 connection.close()
+
+
+def _tls_options(config: Config, scheme: str | None) -> dict[str, Any]:
+    """The pool's TLS keyword arguments: what to trust, or not to verify."""
+    tls: dict[str, Any] = {}
+    if scheme != "https":
+        return tls
+    if config.verify is False:
+        tls["cert_reqs"] = "CERT_NONE"
+        return tls
+    # The trust store requests uses (certifi, or the bundle named by
+    # REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE), unless a path is given.
+    tls["cert_reqs"] = "CERT_REQUIRED"
+    bundle = (
+        config.verify
+        if isinstance(config.verify, str)
+        else os.environ.get("REQUESTS_CA_BUNDLE")
+        or os.environ.get("CURL_CA_BUNDLE")
+        or _requests_utils().DEFAULT_CA_BUNDLE_PATH
+    )
+    # requests accepts a directory of hashed certificates too.
+    tls["ca_cert_dir" if os.path.isdir(bundle) else "ca_certs"] = bundle
+    return tls
 
 
 def _proxy_headers(proxy: str) -> dict[str, str] | None:

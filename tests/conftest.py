@@ -28,6 +28,17 @@ from produl_server import Produl  # noqa: E402
 from produl_server.testing import LocalCollector  # noqa: E402
 
 
+#: The slow tier: real frameworks and servers, the browser, the benchmarks.
+_INTEGRATION = ("integrations", "test_web_browser.py", "test_bench_smoke.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the slow tier ``integration``; ``-m "not integration"`` is the fast tier."""
+    for item in items:
+        if any(part in _INTEGRATION for part in item.path.parts):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(name="hung_collector")
 def _hung_collector():
     """A collector of its own that never answers; stopped, never released.
