@@ -16,7 +16,6 @@ are one line on stderr; never a traceback.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import math
@@ -28,18 +27,20 @@ import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from produl_server._config import MAX_SECONDS, mask_key, mask_url
+from produl_server._config import MAX_SECONDS, is_loopback, mask_key, mask_url
 from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
 from produl_server._version import __version__
 from produl_server.collector import (
+    DEFAULT_RATE_LIMIT_MODE,
+    RATE_LIMIT_MODES,
     CollectorServer,
     Query,
     SqliteStore,
     StoredEvent,
     StoreError,
+    describe_stored,
+    terminal_json,
 )
-from produl_server.collector._format import describe_stored, terminal_json
-from produl_server.collector._ratelimit import DEFAULT_RATE_LIMIT_MODE, RATE_LIMIT_MODES
 
 __all__ = ["main"]
 
@@ -106,23 +107,6 @@ def _port(text: str) -> int:
     if not _digits(text) or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, not {text!r}")
     return int(text)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding ``host`` keeps the collector reachable from this machine only.
-
-    Args:
-        host: A host name or IP address.
-
-    Returns:
-        ``True`` for ``localhost`` and loopback addresses.
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # -- collector ------------------------------------------------------------------
@@ -461,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "events":
             return cmd_events(args)
         if args.command == "demo":
-            from produl_server.collector._demo import run_demo  # noqa: PLC0415
+            from produl_server._demo import run_demo  # noqa: PLC0415
 
             return run_demo(_out)
         return cmd_send(args)

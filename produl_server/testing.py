@@ -30,8 +30,8 @@ from produl_server.collector import (
     RecordedRequest,
     SqliteStore,
     Store,
+    describe,
 )
-from produl_server.collector._format import describe
 
 __all__ = ["LocalCollector", "RecordedRequest", "find_events", "format_events"]
 

@@ -27,7 +27,6 @@ import pytest  # noqa: E402
 from produl_server import Produl  # noqa: E402
 from produl_server.testing import LocalCollector  # noqa: E402
 
-
 #: The slow tier: real frameworks and servers, the browser, the benchmarks.
 _INTEGRATION = ("integrations", "test_web_browser.py", "test_bench_smoke.py")
 

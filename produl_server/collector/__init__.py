@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from produl_server._config import mask_key
 from produl_server.collector._faults import Fault
-from produl_server.collector._ratelimit import RateLimiter
+from produl_server.collector._format import describe, describe_stored, terminal_json
+from produl_server.collector._ratelimit import (
+    DEFAULT_RATE_LIMIT_MODE,
+    RATE_LIMIT_MODES,
+    RateLimiter,
+)
 from produl_server.collector._record import Headers, RecordedRequest
 from produl_server.collector._server import CollectorServer
 from produl_server.collector._store import (
@@ -22,6 +27,8 @@ from produl_server.collector._store import (
 )
 
 __all__ = [
+    "DEFAULT_RATE_LIMIT_MODE",
+    "RATE_LIMIT_MODES",
     "CollectorServer",
     "Fault",
     "Headers",
@@ -33,5 +40,8 @@ __all__ = [
     "Store",
     "StoreError",
     "StoredEvent",
+    "describe",
+    "describe_stored",
     "mask_key",
+    "terminal_json",
 ]

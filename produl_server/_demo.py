@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from produl_server.collector._format import describe
+from produl_server.collector import describe
 from produl_server.testing import LocalCollector
 
 #: A tiny pause the demo's 429 episode asks the client to wait, in seconds.
