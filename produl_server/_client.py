@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 import time
 import uuid
@@ -136,6 +137,7 @@ class Produl:
         if enabled:
             with _live_lock:
                 _live.add(self._worker)
+            _arm_multiprocessing()
             # A client dropped without shutdown() lets its sender drain and
             # end, instead of leaving an idle thread per forgotten client.
             weakref.finalize(self, self._worker.begin_close_soon).atexit = False
@@ -319,11 +321,54 @@ def _flush_at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _live_lock
+    global _live_lock, _mp_armed
     # The parent's threads may have held the lock at fork time.
     _live_lock = threading.Lock()
     for worker in list(_live):
         worker.after_fork_in_child()
+    _mp_armed = False
+    _arm_multiprocessing()
+
+
+# -- multiprocessing children ----------------------------------------------
+#
+# A multiprocessing child ends through os._exit() after running
+# multiprocessing's own finalizers, so atexit handlers never run there. A
+# finalizer of ours, registered in the child, delivers what it tracked. The
+# child clears the finalizers it inherited when it starts, and then runs
+# its "after fork" callbacks (whatever the start method): one of those
+# registers the finalizer.
+
+_mp_armed = False
+_MP_EXIT_PRIORITY = 100  # before multiprocessing's own, which use 0 to 10
+
+
+class _Anchor:
+    """A long-lived object for multiprocessing's weak after-fork registry."""
+
+
+_anchor = _Anchor()
+
+
+def _arm_multiprocessing() -> None:
+    """Make multiprocessing children flush at their end (once per process)."""
+    global _mp_armed
+    if _mp_armed:
+        return
+    util = sys.modules.get("multiprocessing.util")
+    process = sys.modules.get("multiprocessing.process")
+    if util is None or process is None:
+        return  # not imported: this process starts no multiprocessing child
+    _mp_armed = True
+    util.register_after_fork(_anchor, _register_finalizer)
+    if process.parent_process() is not None:
+        # A client made inside a running child: arm this child now.
+        _register_finalizer(_anchor)
+
+
+def _register_finalizer(_anchor: object) -> None:
+    util = sys.modules["multiprocessing.util"]
+    util.Finalize(None, _flush_at_exit, exitpriority=_MP_EXIT_PRIORITY)
 
 
 atexit.register(_flush_at_exit)
