@@ -31,6 +31,19 @@ from produl_server.testing import LocalCollector  # noqa: E402
 _INTEGRATION = ("integrations", "test_web_browser.py", "test_bench_smoke.py")
 
 
+def pytest_ignore_collect(collection_path: pathlib.Path, config: pytest.Config) -> bool | None:
+    """In the fast tier, do not even import the slow tier's modules.
+
+    They import their frameworks; collected without them they would be
+    reported as skipped, which a fast run must not show as a pass of theirs.
+    """
+    if config.getoption("markexpr") == "not integration" and any(
+        part in _INTEGRATION for part in collection_path.parts
+    ):
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark the slow tier ``integration``; ``-m "not integration"`` is the fast tier."""
     for item in items:

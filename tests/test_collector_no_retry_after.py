@@ -36,7 +36,7 @@ def test_a_rate_limited_answer_has_no_retry_after() -> None:
         pool.clear()
     assert [a.status for a in answers] == [204, 429]
     assert "Retry-After" not in answers[1].headers
-    assert answers[1].json()["error"] == "rate_limited"
+    assert json.loads(answers[1].data)["error"] == "rate_limited"
 
 
 @pytest.mark.slow
