@@ -97,8 +97,9 @@ _SQLITE_FULL = 13
 _SQLITE_NOTADB = 26
 _CLAIMABLE = "key = ? AND (lease_until IS NULL OR lease_until <= ?)"
 
-#: Connections inherited through fork(): never used, never closed, only kept
-#: referenced so that garbage collection does not close them in the child.
+#: Connections inherited through fork(): never used, only kept referenced so
+#: that garbage collection does not close them while the child runs (closing
+#: one may run cleanup that pulls the file from under the parent).
 _INHERITED: list[sqlite3.Connection] = []
 
 
