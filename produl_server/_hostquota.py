@@ -129,7 +129,7 @@ def _make_private(path: str, *, explicit: bool) -> None:
     _check_private(path, follow=explicit)
 
 
-def default_directories() -> list[str]:
+def _default_directories() -> list[str]:
     """Where the file may live, best first (without ``directory``)."""
     found = []
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -144,7 +144,7 @@ def _choose_directory(directory: str | None) -> tuple[str, str | None]:
     if directory is not None:
         candidates, explicit = [directory], True
     else:
-        candidates, explicit = default_directories(), False
+        candidates, explicit = _default_directories(), False
     reason = ""
     for path in candidates:
         try:
@@ -460,11 +460,8 @@ class HostQuota:
         found = mapping.header(self.limit)
         if found is not None:
             return mapping, *found
-        # Unformatted, corrupt, or too small for this caller's limit.
+        # Unformatted, corrupt, or a ring smaller than this caller's limit
+        # (whose entries are kept: fewer than the limit, oldest first).
         kept = mapping.entries()
-        capacity = max(self.limit, len(kept))
-        if mapping.mapped < capacity:
-            mapping.close()
-            mapping = self._mapping = _Mapping(fd, capacity)
-        mapping.format(capacity, kept)
-        return mapping, capacity, 0, len(kept)
+        mapping.format(self.limit, kept)
+        return mapping, self.limit, 0, len(kept)

@@ -8,6 +8,7 @@ nothing depends on how fast a loaded machine schedules them.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pathlib
@@ -315,6 +316,51 @@ def test_a_symlinked_temp_dir_is_refused(monkeypatch, tmp_path: pathlib.Path, ca
     planted.symlink_to(target)
     quota = HostQuota(2, "key")
     check_fallback(quota, caplog, planted, "not a directory")
+
+
+def test_a_planted_symlink_is_not_followed(make, caplog) -> None:
+    probe = make(limit=2)
+    path = pathlib.Path(probe.path)
+    probe.close()
+    path.unlink(missing_ok=True)
+    target = path.with_name("target")
+    target.write_bytes(b"")
+    path.symlink_to(target)
+    quota = make(limit=2)
+    check_fallback(quota, caplog, path, "Too many levels of symbolic links")
+    assert target.read_bytes() == b""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file away")
+def test_another_users_file_is_refused(make, caplog) -> None:
+    probe = make(limit=2)
+    assert probe.take(BASE) == 0
+    probe.close()
+    os.chown(probe.path, 65534, 65534)
+    quota = make(limit=2)
+    check_fallback(quota, caplog, pathlib.Path(probe.path), "not a regular file of ours")
+
+
+def test_a_full_disk_falls_back_without_a_crash(monkeypatch, make, caplog) -> None:
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    quota = make(limit=2)
+    assert quota.shared  # the file opened; growing it fails on the first call
+    assert quota.wait(BASE) == 0
+    check_fallback(quota, caplog, pathlib.Path(quota.path), "No space left on device")
+
+
+def test_a_file_system_without_flock_falls_back(monkeypatch, make, caplog) -> None:
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    quota = make(limit=2)
+    monkeypatch.setattr(_hostquota.fcntl, "flock", no_locks)
+    assert quota.shared
+    assert quota.wait(BASE) == 0
+    check_fallback(quota, caplog, pathlib.Path(quota.path), "No locks available")
 
 
 def test_without_fcntl(monkeypatch, folder: pathlib.Path, make, caplog) -> None:
