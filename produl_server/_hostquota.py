@@ -72,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import mmap
 import os
 import stat
@@ -261,7 +262,7 @@ class HostQuota:
         self._path: str | None = None
         #: The file is given up for good: setup failed, or close() was called.
         self._gave_up = False
-        if not _HAVE_FCNTL:  # pragma: no cover - Windows
+        if not _HAVE_FCNTL:
             self._give_up(directory or "(no directory)", "no fcntl.flock on this platform")
             return
         folder, reason = _choose_directory(directory)
@@ -275,7 +276,11 @@ class HostQuota:
     # -- the public interface ------------------------------------------------
 
     def take(self, now: float) -> float:
-        """Use one request of the quota if it fits; else the seconds to wait."""
+        """Use one request of the quota if it fits; else the seconds to wait.
+
+        Raises:
+            ValueError: *now* is NaN or infinite (it would stay in the file).
+        """
         return self._call(now, record=True)
 
     def wait(self, now: float) -> float:
@@ -350,6 +355,8 @@ class HostQuota:
     # -- one call --------------------------------------------------------------
 
     def _call(self, now: float, *, record: bool) -> float:
+        if not math.isfinite(now):
+            raise ValueError(f"now must be a finite time.time(), not {now}")
         with self._mutex:
             fd = self._fd
             if fd is None:
@@ -426,11 +433,13 @@ class HostQuota:
         mapping, capacity, head, count = self._ring(fd)
         slots = mapping.slots
         # Entries from further ahead than the window: the clock went back.
+        # (Both tests are written so that a NaN, which only a damaged file
+        # could hold, leaves too.)
         future = now + self.window
-        while count and slots[(head + count - 1) % capacity] > future:
+        while count and not slots[(head + count - 1) % capacity] <= future:
             count -= 1
         horizon = now - self.window
-        while count and slots[head] <= horizon:
+        while count and not slots[head] > horizon:
             head = (head + 1) % capacity
             count -= 1
         limit = self.limit

@@ -173,6 +173,25 @@ def test_timestamps_never_go_backwards_in_the_ring(make) -> None:
     assert first.take(BASE + 5) == pytest.approx(5.002)
 
 
+def test_a_time_that_is_not_finite_is_refused(make) -> None:
+    quota = make(limit=2)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            quota.take(bad)
+    assert quota.take(BASE) == 0
+    assert quota.used == 1
+
+
+def test_nan_in_the_file_leaves_the_ring(make) -> None:
+    quota = make(limit=3)
+    for _ in range(3):
+        assert quota.take(BASE) == 0
+    mapping = quota._mapping
+    mapping.slots[0] = mapping.slots[2] = float("nan")  # a damaged file
+    assert quota.take(BASE) == 0
+    assert quota.used == 2
+
+
 def test_a_corrupt_file_is_formatted_again(make) -> None:
     quota = make(limit=3)
     assert quota.take(BASE) == 0
