@@ -82,6 +82,19 @@ class Produl:
             ``NO_PROXY`` environment variables, never used for a collector
             on this machine.
         verify: ``False`` to skip TLS verification, or a CA bundle path.
+        shared_quota: ``True`` (the default): pace with every client of
+            this user on this host that sends to the same ``api_url``, in
+            one ``max_requests_per_minute`` window, since the API's limit is
+            per IP address. ``False`` paces this process alone.
+        quota_dir: The directory of the shared quota's small file. Default:
+            ``PRODUL_QUOTA_DIR``, else the user's runtime directory
+            (``XDG_RUNTIME_DIR``), else the temp directory. Point it at a
+            volume shared by containers that leave through one address.
+        spool_dir: A directory where events that cannot be sent in time are
+            kept instead of dropped (at the shutdown deadline, when the
+            queue is full, out of retry time in an outage); the next client
+            that opens it delivers them first. Default: ``PRODUL_SPOOL_DIR``,
+            else no spool.
 
     Raises:
         ConfigurationError: No server key, or an invalid option.
@@ -109,6 +122,9 @@ class Produl:
         on_error: ErrorHook | None = None,
         proxy: str | None = None,
         verify: bool | str = True,
+        shared_quota: bool = True,
+        quota_dir: str | os.PathLike[str] | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self._config = Config.from_env(
             server_key,
@@ -130,6 +146,9 @@ class Produl:
             on_error=on_error,
             proxy=proxy,
             verify=verify,
+            shared_quota=shared_quota,
+            quota_dir=quota_dir,
+            spool_dir=spool_dir,
         )
         self._worker = Worker(self._config)
         self._enabled = enabled

@@ -21,6 +21,8 @@ log = logging.getLogger("produl_server")
 
 KEY_ENV = "PRODUL_SERVER_KEY"
 URL_ENV = "PRODUL_API_URL"
+SPOOL_ENV = "PRODUL_SPOOL_DIR"
+QUOTA_DIR_ENV = "PRODUL_QUOTA_DIR"
 
 #: The type of ``on_error``: ``on_error(error, event)``, where *event* is the
 #: wire dict of the dropped event (or the call's arguments, for an invalid one).
@@ -215,6 +217,20 @@ def _check_proxy_credentials(proxy: str) -> None:
             )
 
 
+def _check_directory(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigurationError(
+            f"{attribute.name} must be the path of a directory, or None, not {_show(value)}"
+        )
+
+
+def _directory(value: Any) -> Any:
+    """Accept a ``pathlib.Path`` (any path-like) as well as a string."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 def _check_rpm(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is None:
         return
@@ -273,6 +289,11 @@ class Config:
         on_error: The error hook, or None.
         proxy: An HTTP(S) proxy URL, or None for the environment's.
         verify: TLS verification: True, False or a CA bundle path.
+        shared_quota: Pace with every client of this user on this host that
+            sends to the same ``api_url`` (True), or alone (False).
+        quota_dir: Where the shared quota's file lives; None for the user's
+            runtime or temp directory.
+        spool_dir: Where to keep what cannot be sent in time, or None.
     """
 
     server_key: str = attrs.field(repr=lambda key: repr(mask_key(key)), validator=_check_key)
@@ -296,6 +317,13 @@ class Config:
     on_error: ErrorHook | None = attrs.field(default=None, validator=_check_hook)
     proxy: str | None = attrs.field(default=None, repr=_repr_proxy, validator=_check_proxy)
     verify: bool | str = attrs.field(default=True, validator=_check_verify)
+    shared_quota: bool = attrs.field(default=True, validator=_check_bool)
+    quota_dir: str | None = attrs.field(
+        default=None, converter=_directory, validator=_check_directory
+    )
+    spool_dir: str | None = attrs.field(
+        default=None, converter=_directory, validator=_check_directory
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.max_in_flight > 32:
@@ -339,6 +367,10 @@ class Config:
             server_key = environ.get(KEY_ENV, "")
         if api_url is None:
             api_url = environ.get(URL_ENV) or DEFAULT_API_URL
+        if options.get("spool_dir") is None and environ.get(SPOOL_ENV):
+            options["spool_dir"] = environ[SPOOL_ENV]
+        if options.get("quota_dir") is None and environ.get(QUOTA_DIR_ENV):
+            options["quota_dir"] = environ[QUOTA_DIR_ENV]
         try:
             return cls(server_key=server_key, api_url=api_url, **options)
         except TypeError as exc:

@@ -24,15 +24,16 @@ class Stats:
     """A snapshot of one client's delivery counters.
 
     Every event a ``track_*`` call hands over is counted once in
-    :attr:`queued`, and ends counted once in :attr:`sent` or in
-    :attr:`dropped`; until then it is :attr:`pending`. So, at any moment,
-    ``queued == sent + dropped_total + pending``, and after a shutdown
-    ``pending == 0``.
+    :attr:`queued`, and ends counted once in :attr:`sent`, :attr:`spooled`
+    or :attr:`dropped`; until then it is :attr:`pending`. So, at any moment,
+    ``queued == sent + spooled + dropped_total + pending``, and after a
+    shutdown ``pending == 0``.
 
     Attributes:
         queued: Events handed over by ``track_*`` calls since the client
             started, including those refused at the door (``invalid`` with
-            ``raise_on_invalid=False``, ``queue_full``, after shutdown).
+            ``raise_on_invalid=False``, ``queue_full``, after shutdown), and
+            events this client took from the spool to deliver.
         sent: Events the collector acknowledged (2xx).
         retried: Attempts that failed and were scheduled again (429, 5xx,
             timeouts, connection errors).
@@ -40,6 +41,9 @@ class Stats:
             ``rejected``, ``unauthorized``, ``retries_exhausted``,
             ``shutdown``.
         pending: Events queued or waiting for a retry right now.
+        spooled: Events written to (or left in) the spool for a later
+            client to deliver: at the shutdown deadline, when the queue was
+            full, or out of retry time in an outage.
     """
 
     queued: int
@@ -47,6 +51,7 @@ class Stats:
     retried: int
     dropped: dict[str, int]
     pending: int
+    spooled: int = 0
 
     @property
     def dropped_total(self) -> int:
@@ -67,6 +72,7 @@ class Ledger:
         self._sent = 0
         self._retried = 0
         self._dropped: collections.Counter[str] = collections.Counter()
+        self._spooled = 0
         self._waiters = 0
 
     def accept(self) -> int:
@@ -80,8 +86,8 @@ class Ledger:
         """The last sequence number given out: a flush waits up to it."""
         return self._accepted
 
-    def finish(self, seq: int, dropped: str | None = None) -> bool:
-        """Mark one event handled: sent, or dropped for *dropped*.
+    def finish(self, seq: int, dropped: str | None = None, *, spooled: bool = False) -> bool:
+        """Mark one event handled: sent, spooled, or dropped for *dropped*.
 
         Returns:
             False when the event was handled already (given up at the
@@ -90,7 +96,9 @@ class Ledger:
         with self._cond:
             if seq <= self._low or seq in self._above:
                 return False
-            if dropped is None:
+            if spooled:
+                self._spooled += 1
+            elif dropped is None:
                 self._sent += 1
             else:
                 self._dropped[dropped] += 1
@@ -158,4 +166,5 @@ class Ledger:
                 retried=self._retried,
                 dropped=dict(self._dropped),
                 pending=self._accepted - self._low - len(self._above),
+                spooled=self._spooled,
             )

@@ -21,6 +21,7 @@ import collections
 import enum
 import random
 from collections.abc import Callable
+from typing import Protocol
 
 from ._config import Config
 
@@ -87,6 +88,17 @@ class RollingQuota:
         return len(self._sent)
 
 
+class Quota(Protocol):
+    """What the schedule needs of a quota: this one, or the host's (``_hostquota``)."""
+
+    def take(self, now: float) -> float:
+        """0 and one request used, or the seconds to wait first."""
+
+    @property
+    def used(self) -> int:
+        """Requests counted in the window."""
+
+
 class Verdict(enum.Enum):
     """What to do with an event after a failed attempt."""
 
@@ -100,13 +112,18 @@ class Schedule:
     Args:
         config: The client's configuration.
         uniform: The jitter source, ``random.uniform`` by default.
+        quota: The pacing quota; a :class:`RollingQuota` of
+            ``max_requests_per_minute`` by default.
     """
 
     def __init__(
-        self, config: Config, uniform: Callable[[float, float], float] = random.uniform
+        self,
+        config: Config,
+        uniform: Callable[[float, float], float] = random.uniform,
+        quota: Quota | None = None,
     ) -> None:
         self.batching = Batching(config.flush_at, config.flush_interval, config.max_delay)
-        self.quota = RollingQuota(config.max_requests_per_minute)
+        self.quota: Quota = quota or RollingQuota(config.max_requests_per_minute)
         self._initial = config.retry_initial_delay
         self._max = config.retry_max_delay
         self._max_retry_time = config.max_retry_time

@@ -32,8 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ._config import MAX_SECONDS, Config, mask_key
+from ._durable import Outbox, make_quota, open_outbox
 from ._ledger import Ledger, Stats
-from ._schedule import Schedule, Verdict
+from ._schedule import Quota, Schedule, Verdict
 from ._transport import Outcome, Transport
 from ._transport import Verdict as Answer
 from .exceptions import DeliveryError
@@ -43,6 +44,9 @@ log = logging.getLogger("produl_server")
 __all__ = ["Item", "Stats", "Worker"]
 
 Clock = Callable[[], float]
+
+#: How often an idle sender with a spool looks in it for events.
+SPOOL_RECHECK = 30.0
 
 #: Lanes pay off once a request takes this long: on a faster link the
 #: extra threads cost more CPU than they save time.
@@ -63,12 +67,14 @@ def _bounded(timeout: float | None) -> float | None:
 class Item:
     """One queued event, with what the caller knew about it."""
 
-    __slots__ = ("body", "failing_since", "seq", "visitor")
+    __slots__ = ("body", "failing_since", "seq", "spool_id", "visitor")
 
     def __init__(self, body: bytes, visitor: str | None, seq: int) -> None:
         self.body = body
         self.visitor = visitor
         self.seq = seq
+        #: Its row in the spool, for an event this sender took from there.
+        self.spool_id: int | None = None
         #: When this event's retry time started running (None: it has not).
         self.failing_since: float | None = None
 
@@ -100,12 +106,15 @@ class _Core:
         config: Config,
         transport_factory: Callable[[Config], Transport],
         clock: Clock,
+        quota: Quota,
+        outbox: Outbox | None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.ledger = Ledger()
         self.queue: queue.Queue[Item] = queue.Queue(config.max_queue_size)
-        self.schedule = Schedule(config)
+        self.schedule = Schedule(config, quota=quota)
+        self.outbox = outbox
         self.pending: collections.deque[Item] = collections.deque()
         self.transport: Transport | None = None
         self._make_transport = transport_factory
@@ -140,12 +149,14 @@ class _Core:
         if outcome.verdict is Answer.DELIVERED:
             self.schedule.answered()
             self.ledger.finish(item.seq)
+            self._unspool(item)
             return False
         if outcome.verdict is Answer.DROP:
             # The event itself is bad (or the key is): never retry it, and
             # never let it hold up the events behind it.
             self.schedule.answered()
             self.drop(item, outcome.reason, outcome.detail, outcome.status)
+            self._unspool(item)
             return False
         now = self.clock()
         verdict, pause, item.failing_since = self.schedule.failed(
@@ -155,6 +166,9 @@ class _Core:
             failing_since=item.failing_since,
         )
         if verdict is Verdict.GIVE_UP:
+            if self.spool([item]):
+                log.info("produl_server: an event out of retry time was spooled")
+                return False
             waited = now - (item.failing_since or now)
             detail = f"gave up after {waited:.0f} s of failures ({outcome.detail})"
             self.drop(item, "retries_exhausted", detail, outcome.status)
@@ -162,6 +176,41 @@ class _Core:
         self.ledger.count_retry()
         log.info("produl_server: delivery failed (%s); retrying in %.2f s", outcome.detail, pause)
         return True
+
+    # -- the spool ---------------------------------------------------------
+
+    def _unspool(self, item: Item) -> None:
+        if item.spool_id is not None and self.outbox is not None:
+            self.outbox.done([item.spool_id])
+
+    def spool(self, items: list[Item]) -> list[Item]:
+        """Keep events in the spool instead of dropping them; return those kept.
+
+        Events taken from the spool go back to it; others are written. Each
+        one kept is counted ``spooled``; the rest are left to the caller.
+        """
+        outbox = self.outbox
+        if outbox is None or not items:
+            return []
+        taken = [item for item in items if item.spool_id is not None]
+        fresh = [item for item in items if item.spool_id is None]
+        if taken:
+            outbox.give_back([item.spool_id for item in taken if item.spool_id is not None])
+        kept = taken + fresh[: outbox.keep((item.body, item.visitor) for item in fresh)]
+        for item in kept:
+            self.ledger.finish(item.seq, spooled=True)
+        return kept
+
+    def take_spooled(self) -> list[Item]:
+        """Claim a few spooled events, as items of this client."""
+        if self.outbox is None:
+            return []
+        items = []
+        for event in self.outbox.take():
+            item = Item(event.body, event.visitor, self.ledger.accept())
+            item.spool_id = event.id
+            items.append(item)
+        return items
 
     # -- reporting ---------------------------------------------------------
 
@@ -218,17 +267,27 @@ class _Core:
                 leftovers.append(self.queue.get_nowait())
             except queue.Empty:
                 break
+        leftovers = [item for item in leftovers if not self.ledger.is_handled(item.seq)]
+        kept = {item.seq for item in self.spool(leftovers)}
+        if kept and self.outbox is not None:
+            log.warning(
+                "produl_server: %d event(s) not delivered before the shutdown deadline "
+                "were spooled in %s; the next client that opens it delivers them",
+                len(kept),
+                self.outbox.directory,
+            )
         self.lost = left = self.ledger.abandon("shutdown")
         if left:
             log.warning(
                 "produl_server: %d event(s) not delivered before the shutdown deadline; "
-                "they are lost. Call flush() before the process ends, or give "
-                "shutdown_timeout more time",
+                "they are lost. Call flush() before the process ends, or set spool_dir "
+                "(PRODUL_SPOOL_DIR) to keep them for the next run",
                 left,
             )
             error = DeliveryError("shutdown", "not delivered before the shutdown deadline")
             for item in sorted(leftovers, key=lambda item: item.seq):
-                self.call_hook(error, item)
+                if item.seq not in kept:
+                    self.call_hook(error, item)
         if self.transport is not None:
             self.transport.close()
 
@@ -309,6 +368,8 @@ class ThreadSender:
         self._lanes: list[threading.Thread] = []
         #: Smoothed seconds per request, to size the lanes.
         self._latency = 0.0
+        #: When to look in the spool next (at once: on start).
+        self._spool_next = 0.0
         self.thread = threading.Thread(target=self._run, name="produl-server.sender", daemon=True)
         self.owner: object = None
 
@@ -380,10 +441,16 @@ class ThreadSender:
         core = self._core
         drain_to = max(self.drain_to, self.flush_to)
         if not core.pending and not self._inflight and drain_to <= self._pulled_to():
-            waiting = core.queue.qsize()
-            due = core.schedule.batching.due_in(now, waiting, core.first_enqueue, core.last_enqueue)
-            if due != 0.0:
-                return due
+            if not self._from_spool(now):
+                waiting = core.queue.qsize()
+                due = core.schedule.batching.due_in(
+                    now, waiting, core.first_enqueue, core.last_enqueue
+                )
+                if core.outbox is not None and self.deadline is None:
+                    spool_due = max(0.0, self._spool_next - now)
+                    due = spool_due if due is None else min(due, spool_due)
+                if due != 0.0:
+                    return due
             self.drain_to = core.ledger.accepted
         transport = core.get_transport()
         while True:
@@ -396,6 +463,23 @@ class ThreadSender:
             if pause != 0.0:
                 self.resting = True
                 return pause
+
+    def _from_spool(self, now: float) -> bool:
+        """Take spooled events to send first, when it is time to look; True if any."""
+        core = self._core
+        if core.outbox is None or self.deadline is not None or now < self._spool_next:
+            return False
+        items = core.take_spooled()
+        # Again at once while the spool has events, else in a while: another
+        # process may spool some meanwhile.
+        self._spool_next = now if items else now + SPOOL_RECHECK
+        core.pending.extend(items)
+        return bool(items)
+
+    def spool_now(self) -> None:
+        """Look in the spool at the next step (any thread)."""
+        self._spool_next = 0.0
+        self.wake.set()
 
     def _pulled_to(self) -> int:
         # Everything accepted and no longer in the queue was pulled.
@@ -533,11 +617,15 @@ class Worker:
         self._config = config
         self._make_transport = transport_factory
         self._clock = clock
+        self._quota = make_quota(config)
+        self._outbox = open_outbox(config)
         self._reset()
 
     def _reset(self) -> None:
         """Fresh state: at construction, and in a child after ``fork()``."""
-        self._core = core = _Core(self._config, self._make_transport, self._clock)
+        self._core = core = _Core(
+            self._config, self._make_transport, self._clock, self._quota, self._outbox
+        )
         self._items = core.queue.queue  # len() of the deque is lock-free
         self._inline = InlineSender(core)
         self._sender: ThreadSender | None = None
@@ -558,6 +646,10 @@ class Worker:
         thread of the parent held at fork time cannot deadlock the child.
         """
         transport = self._core.transport
+        for shared in (self._quota, self._outbox):
+            after_fork = getattr(shared, "after_fork_in_child", None)
+            if after_fork is not None:
+                after_fork()
         self._reset()
         if transport is not None:
             transport.abandon()
@@ -577,12 +669,7 @@ class Worker:
         try:
             core.queue.put_nowait(item)
         except queue.Full:
-            core.ledger.finish(item.seq, "queue_full")
-            self._warn_full(
-                "produl_server: the queue is full (%d events); new events are dropped",
-                self._config.max_queue_size,
-            )
-            core.call_hook(DeliveryError("queue_full", "the queue is full"), item)
+            self._overflow(item)
             return
         now = self._clock()
         core.last_enqueue = now
@@ -598,6 +685,22 @@ class Worker:
             # backoff, busy lanes): one more event changes nothing for it,
             # and waking it per event would cost every request handler.
             sender.wake.set()
+
+    def _overflow(self, item: Item) -> None:
+        """The queue is full: spool the event, or drop it and say so."""
+        core = self._core
+        if core.spool([item]):
+            self._warn_full(
+                "produl_server: the queue is full (%d events); new events are spooled",
+                self._config.max_queue_size,
+            )
+            return
+        core.ledger.finish(item.seq, "queue_full")
+        self._warn_full(
+            "produl_server: the queue is full (%d events); new events are dropped",
+            self._config.max_queue_size,
+        )
+        core.call_hook(DeliveryError("queue_full", "the queue is full"), item)
 
     def _refuse_at_door(self, body: bytes, visitor: str | None, reason: str, text: str) -> None:
         core = self._core

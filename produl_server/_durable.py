@@ -1,0 +1,144 @@
+"""What a client shares beyond its own process: the host's quota and the spool.
+
+- The quota. By default every client of this user on this host that sends
+  to the same ``api_url`` paces against one rolling window, kept in a small
+  file (``_hostquota``), because the API's limit is per IP address, not per
+  process. ``shared_quota=False`` paces the process alone; ``quota_dir``
+  moves the file (a volume shared by containers behind one address).
+- The spool (``spool_dir``). What cannot be sent in time is written to an
+  SQLite outbox (``_spool``) instead of being dropped, and any later client
+  that opens the same directory delivers it first.
+
+Both are reached only from the sender (and the exit path), never from a
+``track_*`` call, except the spool when the queue is full.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from ._config import Config, mask_url
+from ._hostquota import HostQuota
+from ._schedule import Quota, RollingQuota
+from ._spool import Spool, SpooledEvent, SpoolError
+from .exceptions import ConfigurationError
+
+log = logging.getLogger("produl_server")
+
+#: How long a claimed spooled event stays this sender's; after it, another
+#: process may take it (this one died): the cost is a duplicate, never a loss.
+SPOOL_LEASE = 300.0
+#: Spooled events taken per claim.
+SPOOL_BATCH = 50
+
+
+class HostWideQuota:
+    """A :class:`~._hostquota.HostQuota` on the wall clock, as the schedule calls it.
+
+    Processes compare their request times in the shared file, so they need a
+    clock they share: the wall clock, not each process's monotonic one.
+    """
+
+    def __init__(self, host: HostQuota) -> None:
+        self.host = host
+
+    def take(self, now: float) -> float:
+        return self.host.take(time.time())
+
+    @property
+    def used(self) -> int:
+        return self.host.used
+
+    @property
+    def shared(self) -> bool:
+        return self.host.shared
+
+    def after_fork_in_child(self) -> None:
+        self.host.after_fork_in_child()
+
+
+def make_quota(config: Config) -> Quota:
+    """The quota a client paces against: the host's, or its own."""
+    limit = config.max_requests_per_minute
+    if limit is None or not config.shared_quota:
+        return RollingQuota(limit)
+    return HostWideQuota(HostQuota(limit, config.api_url, config.quota_dir))
+
+
+class Outbox:
+    """The spool as the sender uses it: failures are logged, never raised.
+
+    Args:
+        spool: The open spool.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.directory = str(spool.directory)
+        self._reported: set[str] = set()
+
+    def keep(self, items: Iterable[tuple[bytes, str | None]]) -> int:
+        """Write events to the spool; return how many it took (0 on failure)."""
+        try:
+            return self.spool.add(items)
+        except SpoolError as exc:
+            self._report(exc)
+            return 0
+
+    def take(self) -> list[SpooledEvent]:
+        """Claim the next few spooled events for this sender."""
+        try:
+            return self.spool.claim(SPOOL_BATCH, SPOOL_LEASE)
+        except SpoolError as exc:
+            self._report(exc)
+            return []
+
+    def done(self, ids: list[int]) -> None:
+        """Remove delivered (or refused) events."""
+        try:
+            self.spool.ack(ids)
+        except SpoolError as exc:
+            self._report(exc)
+
+    def give_back(self, ids: list[int]) -> None:
+        """Return claimed events unsent, for whoever comes next."""
+        try:
+            self.spool.release(ids)
+        except SpoolError as exc:
+            self._report(exc)
+
+    def count(self) -> int:
+        try:
+            return self.spool.count()
+        except SpoolError as exc:
+            self._report(exc)
+            return 0
+
+    def after_fork_in_child(self) -> None:
+        self.spool.after_fork_in_child()
+
+    def _report(self, exc: SpoolError) -> None:
+        # One line per distinct cause: a full disk fails every write.
+        text = str(exc)
+        if text not in self._reported:
+            self._reported.add(text)
+            log.error("produl_server: %s", text)
+
+
+def open_outbox(config: Config) -> Outbox | None:
+    """Open the configured spool, or None without one.
+
+    Raises:
+        ConfigurationError: The directory cannot hold a spool (read-only,
+            a file, a damaged database); the message is one line.
+    """
+    if config.spool_dir is None:
+        return None
+    try:
+        return Outbox(Spool(config.spool_dir, config.api_url))
+    except SpoolError as exc:
+        raise ConfigurationError(
+            f"spool_dir cannot be used for {mask_url(config.api_url)}: {exc}"
+        ) from None
