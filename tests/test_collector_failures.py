@@ -170,7 +170,8 @@ def test_a_database_corrupted_while_running_gets_503_logged_once(
 
         answers = [post_raw(collector, json.dumps(EVENT).encode()) for _ in range(3)]
         listed = get_events(collector)
-        health = urllib3.PoolManager(retries=False).request("GET", collector.url + "/healthz")
+        with urllib3.PoolManager(retries=False) as pool:
+            health = pool.request("GET", collector.url + "/healthz")
 
     for answer in [*answers, listed, health]:
         assert answer.status == 503

@@ -206,7 +206,10 @@ def test_shutdown_from_the_hook_lets_the_sender_deliver_until_the_deadline(
 ):
     produl: Produl
 
+    senders = []
+
     def hook(error, event):
+        senders.append(threading.current_thread())
         produl.shutdown()
 
     produl = make_client(on_error=hook, flush_interval=600, shutdown_timeout=10)
@@ -217,7 +220,8 @@ def test_shutdown_from_the_hook_lets_the_sender_deliver_until_the_deadline(
     events = produl_collector.wait_for(1, timeout=20)
     assert [e["n"] for e in events] == ["kept"]
     # Shut down from its own hook, the sender ends once nothing is left.
-    sender = next(t for t in threading.enumerate() if t.name == "produl-server.sender")
+    (sender,) = senders
+    assert sender.name == "produl-server.sender"
     sender.join(20)
     assert not sender.is_alive()
     stats = produl.stats
