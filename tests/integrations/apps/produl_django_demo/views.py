@@ -19,3 +19,14 @@ def api_items(request):
 
 def healthz(request):
     return HttpResponse("ok", content_type="text/plain")
+
+
+def echo(request):
+    get_client().track_event("probe")
+    return HttpResponse("<p>echo</p>")
+
+
+async def async_article(request, number):
+    # An async view: no thread hop under ASGI; the same context and visitor.
+    get_client().track_event("article_read", {"number": number, "async": True})
+    return HttpResponse(f"<h1>Article {number}</h1>")
