@@ -1,5 +1,7 @@
 """Views of the demo project."""
 
+import threading
+
 from django.http import HttpResponse, JsonResponse
 
 from produl_server.integrations.django import get_client
@@ -28,5 +30,9 @@ def echo(request):
 
 async def async_article(request, number):
     # An async view: no thread hop under ASGI; the same context and visitor.
-    get_client().track_event("article_read", {"number": number, "async": True})
+    get_client().track_event(
+        "article_read",
+        # uvicorn runs its event loop in the main thread.
+        {"number": number, "in_loop": threading.current_thread() is threading.main_thread()},
+    )
     return HttpResponse(f"<h1>Article {number}</h1>")
