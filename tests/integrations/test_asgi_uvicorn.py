@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from integration_support import app_env, serve_uvicorn
+from integration_support import app_env, serve_gunicorn, serve_uvicorn
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -18,6 +18,9 @@ pytestmark = pytest.mark.slow
 
 N = 100
 APP = "produl_fastapi_demo:app"
+# Nothing is sent before the SIGTERM; then there is room for 100 events per
+# worker at the default pace (2,000 a minute).
+QUEUED_OPTIONS = {"flush_at": 1000, "flush_interval": 600, "max_delay": 600, "shutdown_timeout": 20}
 
 
 def serve(spawn, collector, *options: str, **produl_options):
@@ -67,17 +70,7 @@ def test_two_workers_track_every_request_with_its_own_context(spawn, produl_coll
 
 
 def test_sigterm_delivers_everything_still_queued(spawn, produl_collector):
-    proc, base = serve(
-        spawn,
-        produl_collector,
-        "--workers",
-        "2",
-        flush_at=1000,
-        flush_interval=600,
-        max_delay=600,
-        # Room for 100 events per worker at the default pace (2,000 a minute).
-        shutdown_timeout=20,
-    )
+    proc, base = serve(spawn, produl_collector, "--workers", "2", **QUEUED_OPTIONS)
     hit(base, "items")
     assert produl_collector.events == []  # all of it still queued in the workers
     started = time.monotonic()
@@ -158,3 +151,31 @@ def test_streaming_websockets_and_background_tasks(spawn, produl_collector):
     proc.signal(signal.SIGTERM)
     proc.wait(30)
     assert len(produl_collector.events) == 3, produl_collector.events
+
+
+def test_gunicorn_uvicorn_workers_deliver_everything_at_sigterm(spawn, produl_collector):
+    pytest.importorskip("gunicorn")
+    worker = "uvicorn.workers.UvicornWorker"
+    try:
+        import uvicorn_worker  # noqa: F401 -- the package uvicorn.workers moved to
+
+        worker = "uvicorn_worker.UvicornWorker"
+    except ImportError:
+        pass
+    options = {**QUEUED_OPTIONS}
+    env = app_env(produl_collector, DEMO_PRODUL_OPTIONS=json.dumps(options))
+    proc, base = serve_gunicorn(
+        spawn, env, APP, "--workers", "2", "--worker-class", worker, name="gunicorn-uvicorn"
+    )
+    hit(base, "items")
+    assert produl_collector.events == []
+    started = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(40) == 0, proc.output()[-3000:]
+    took = time.monotonic() - started
+    pids = check_items(produl_collector.events, base, "items")
+    assert len(produl_collector.events) == 2 * N
+    print(
+        f"fastapi/gunicorn {worker} SIGTERM: {2 * N} queued in {len(pids)} workers, "
+        f"delivered in {took:.2f} s"
+    )
