@@ -69,7 +69,12 @@ def quote_path(path: str) -> str:
     Returns:
         ``/caf%C3%A9/menu``; characters that are already escapes stay as they are.
     """
+    if _ALREADY_QUOTED.fullmatch(path):
+        return path  # the common case, several times faster than quote()
     return urllib.parse.quote(path, safe=_PATH_SAFE)
+
+
+_ALREADY_QUOTED = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=\-._~%]*")
 
 
 # Characters a query string keeps as they are; every other byte is

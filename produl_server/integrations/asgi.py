@@ -171,30 +171,33 @@ class ProdulMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one connection (the ASGI protocol)."""
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "lifespan":
-            await _Lifespan(self.client, receive, send).run(self.app, scope)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._other(scope, receive, send)
+            return
         chooser = self.options.visitor_id
         visitor = None if chooser is None else (lambda: chooser(scope))
         info = scope_info(scope, self.options, visitor)
         token = _current.set(info)
         try:
-            if not self.options.pageviews or scope.get("method") != "GET":
+            if self.options.pageviews and scope.get("method") == "GET":
+                await self._watched(scope, receive, send, info)
+            else:
                 await self.app(scope, receive, send)
-                return
-            response = _Response(self, info, send)
-            try:
-                await self.app(scope, receive, response.send)
-            finally:
-                response.finish()
         finally:
             _current.reset(token)
+
+    async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _Lifespan(self.client, receive, send).run(self.app, scope)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _watched(self, scope: Scope, receive: Receive, send: Send, info: RequestInfo) -> None:
+        response = _Response(self, info, send)
+        try:
+            await self.app(scope, receive, response.send)
+        finally:
+            response.finish()
 
 
 class _Response:

@@ -347,3 +347,14 @@ def test_aflush_and_ashutdown_never_block_the_loop(hung_collector):
     assert ticks >= 10  # the loop ran while the client waited
     assert time.monotonic() - started < 10
     assert client.stats.dropped.get("shutdown") == 1
+
+
+@pytest.mark.parametrize(
+    "path", ["/invoice/4242", "/caf\u00e9", "/a b", "/a%20b", "/x?y", "/~user/+;=@", "/\u00fc/%"]
+)
+def test_quote_path_fast_path_agrees_with_quote(path):
+    import urllib.parse
+
+    from produl_server.integrations import _PATH_SAFE, quote_path
+
+    assert quote_path(path) == urllib.parse.quote(path, safe=_PATH_SAFE)
