@@ -299,6 +299,63 @@ class Produl:
             _live.discard(self._worker)
         self._worker.close(timeout)
 
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """:meth:`flush` for coroutines: wait without blocking the event loop.
+
+        The blocking wait runs in a short-lived daemon thread of its own, not
+        in the loop's default executor: a long wait never takes an executor
+        thread, and never holds up the loop's (or the interpreter's) exit.
+        Cancelling the awaiting task stops the waiting, not the flush.
+        ``timeout=None`` waits as long as :meth:`flush` does (through an
+        outage, up to ``max_retry_time``): give a timeout where that matters.
+
+        Args:
+            timeout: Seconds to wait at most; ``None`` waits until done.
+
+        Returns:
+            The result of :meth:`flush`.
+        """
+        import asyncio  # noqa: PLC0415 -- only coroutines pay for it
+        import concurrent.futures  # noqa: PLC0415
+
+        result: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        result.set_running_or_notify_cancel()  # a cancelled await leaves it be
+
+        def wait() -> None:
+            try:
+                result.set_result(self.flush(timeout))
+            except BaseException as exc:
+                result.set_exception(exc)
+
+        threading.Thread(target=wait, name="produl-server.aflush", daemon=True).start()
+        return await asyncio.wrap_future(result)
+
+    async def ashutdown(self, timeout: float | None = None) -> None:
+        """:meth:`shutdown` for coroutines: wait without blocking the event loop.
+
+        It waits as :meth:`aflush` does, at most *timeout* (default
+        ``shutdown_timeout``) seconds. Cancelling the awaiting task does not
+        stop the shutdown.
+
+        Args:
+            timeout: Seconds to spend at most; default ``shutdown_timeout``.
+        """
+        import asyncio  # noqa: PLC0415 -- only coroutines pay for it
+        import concurrent.futures  # noqa: PLC0415
+
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        done.set_running_or_notify_cancel()  # a cancelled await leaves it be
+
+        def close() -> None:
+            try:
+                self.shutdown(timeout)
+                done.set_result(None)
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        threading.Thread(target=close, name="produl-server.ashutdown", daemon=True).start()
+        await asyncio.wrap_future(done)
+
     @property
     def stats(self) -> Stats:
         """A snapshot of the delivery counters (see :class:`Stats`)."""

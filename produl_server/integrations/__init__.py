@@ -1,4 +1,4 @@
-"""Framework integrations: Django, Flask, Celery, WSGI servers and serverless handlers.
+"""Framework integrations: Django, Flask, Celery, WSGI and ASGI servers, serverless handlers.
 
 Each submodule imports its framework when it is imported itself, never
 before: ``import produl_server`` stays free of every framework, and none of
@@ -9,13 +9,16 @@ them is a dependency of the package.
 * :mod:`produl_server.integrations.flask`: the ``ProdulFlask`` extension;
 * :mod:`produl_server.integrations.wsgi`: middleware for any WSGI app, and
   uWSGI thread detection;
+* :mod:`produl_server.integrations.asgi`: middleware for any ASGI app
+  (FastAPI, Starlette, ...), which also shuts the client down with the server;
 * :mod:`produl_server.integrations.celery`: flush when a worker or a pool
   process stops;
 * :mod:`produl_server.integrations.serverless`: flush at the end of each
   invocation.
 
 This module holds what they share and has no framework import at all: the
-per-request context (a :class:`contextvars.ContextVar`), the
+per-request context (a :class:`contextvars.ContextVar`), the one builder of
+a request's :class:`RequestInfo` that every integration uses, the
 :class:`ContextualProdul` client that reads it, and the option parsing.
 """
 
@@ -66,7 +69,83 @@ def quote_path(path: str) -> str:
     Returns:
         ``/caf%C3%A9/menu``; characters that are already escapes stay as they are.
     """
+    if _ALREADY_QUOTED.fullmatch(path):
+        return path  # the common case, several times faster than quote()
     return urllib.parse.quote(path, safe=_PATH_SAFE)
+
+
+_ALREADY_QUOTED = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=\-._~%]*")
+
+
+# Characters a query string keeps as they are; every other byte is
+# percent-encoded, and existing escapes stay as they are.
+_QUERY_SAFE = "=&;:@!$'()*+,/?%-._~"
+
+
+def header_text(value: str | bytes) -> str:
+    """A header value as text, from bytes or from a PEP 3333 "bytes as latin-1" string.
+
+    WSGI servers, Django and Werkzeug hand headers over as their bytes decoded
+    as latin-1; ASGI servers hand over the bytes. Both become the UTF-8 text
+    a browser meant (an invalid sequence becomes U+FFFD).
+
+    Args:
+        value: The header value.
+
+    Returns:
+        The decoded text.
+    """
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    try:
+        return value.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return value  # already text
+
+
+def build_request_info(
+    *,
+    scheme: str,
+    host: str | None,
+    path: str,
+    query: bytes,
+    referrer: str | bytes | None,
+    options: IntegrationOptions,
+    visitor: Callable[[], object] | None,
+) -> RequestInfo:
+    """The :class:`RequestInfo` of a request: one encoding for every integration.
+
+    WSGI, Django, Flask and ASGI all build their request info here, so the
+    same request gives the same ``path`` and ``url`` under each of them.
+
+    Args:
+        scheme: ``http`` or ``https``.
+        host: The ``Host`` header (or server name and port); ``None`` when it
+            is unknown or not allowed, which leaves the URL out.
+        path: The decoded request path, script or root path included.
+        query: The raw query string, as the client sent its bytes.
+        referrer: The ``Referer`` header (see :func:`header_text`).
+        options: Whether to keep the query string.
+        visitor: Computes the visitor id when it is needed.
+
+    Returns:
+        The percent-encoded path, the URL (with the query string,
+        percent-encoded, when ``include_query`` is on) and the referrer.
+    """
+    path = quote_path(path)
+    if not path.startswith("/"):
+        path = "/" + path
+    url = None
+    if host:
+        url = f"{scheme}://{host}{path}"
+        if options.include_query and query:
+            url += "?" + urllib.parse.quote_from_bytes(query, safe=_QUERY_SAFE)
+    return RequestInfo(
+        path=path,
+        url=url,
+        referrer=header_text(referrer) if referrer else None,
+        visitor=visitor,
+    )
 
 
 def _as_visitor_id(value: object) -> VisitorId | None:
@@ -145,6 +224,11 @@ class RequestInfo:
                 value = None
             self._visitor_id = value
         return self._visitor_id
+
+    def forget_visitor(self) -> None:
+        """Compute the visitor id again on next use (e.g. once the user is loaded)."""
+        self._resolved = self._visitor is None
+        self._visitor_id = None
 
     def url_for(self, path: str) -> str | None:
         """The URL of *path* on the host of this request.

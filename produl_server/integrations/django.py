@@ -26,14 +26,18 @@ key; anonymous requests get no pageview and no visitor id.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.exceptions import DisallowedHost
 from django.core.signals import setting_changed
 from django.http import HttpRequest, HttpResponseBase
+from django.utils.functional import empty
 from django.utils.module_loading import import_string
 
 from ..exceptions import ConfigurationError
@@ -43,12 +47,14 @@ from . import (
     RequestInfo,
     _current,
     build_client,
-    quote_path,
+    build_request_info,
     split_options,
 )
 from .wsgi import track_pageview_safely
 
 __all__ = ["ProdulMiddleware", "default_visitor_id", "get_client"]
+
+log = logging.getLogger("produl_server")
 
 _lock = threading.Lock()
 _state: tuple[ContextualProdul, IntegrationOptions] | None = None
@@ -57,16 +63,39 @@ _state: tuple[ContextualProdul, IntegrationOptions] | None = None
 def default_visitor_id(request: HttpRequest) -> object:
     """The signed-in user's primary key, or ``None`` for anonymous requests.
 
+    In async views, ``request.user`` cannot load the user from the database
+    (Django raises ``SynchronousOnlyOperation``): the user that
+    ``await request.auser()`` loaded is used instead, so call it before
+    tracking (the middleware does, before a pageview).
+
     Args:
         request: The request.
 
     Returns:
         ``request.user.pk`` when the user is authenticated, else ``None``.
     """
-    user = getattr(request, "user", None)
+    # Where Django 5's request.auser() keeps the user it loaded.
+    user = getattr(request, "_acached_user", None)
+    if user is None:
+        user = getattr(request, "user", None)
+        if _unloaded(user) and _in_event_loop():
+            return None  # loading it here would query the database in the loop
     if user is not None and user.is_authenticated:
         return user.pk
     return None
+
+
+def _unloaded(user: object) -> bool:
+    """Whether *user* is AuthenticationMiddleware's lazy user, not loaded yet."""
+    return getattr(user, "_wrapped", None) is empty
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _load() -> tuple[ContextualProdul, IntegrationOptions]:
@@ -110,20 +139,31 @@ def _settings_changed(*, setting: str, **_: Any) -> None:
 setting_changed.connect(_settings_changed, dispatch_uid="produl_server.settings_changed")
 
 
-def _request_info(request: HttpRequest, options: IntegrationOptions) -> RequestInfo:
-    path = quote_path(request.path)
+def _raw_query(request: HttpRequest) -> bytes:
+    scope = getattr(request, "scope", None)  # Django's ASGIRequest keeps the bytes
+    if isinstance(scope, dict) and isinstance(scope.get("query_string"), bytes):
+        raw: bytes = scope["query_string"]
+        return raw
+    query = request.META.get("QUERY_STRING") or ""
     try:
-        url: str | None = f"{request.scheme}://{request.get_host()}{path}"
+        return query.encode("latin-1")  # PEP 3333: the bytes, as latin-1
+    except UnicodeEncodeError:
+        return query.encode()
+
+
+def _request_info(request: HttpRequest, options: IntegrationOptions) -> RequestInfo:
+    try:
+        host: str | None = request.get_host()
     except DisallowedHost:
-        url = None
-    query = request.META.get("QUERY_STRING")
-    if url is not None and options.include_query and query:
-        url += "?" + query
+        host = None
     chooser = options.visitor_id or default_visitor_id
-    return RequestInfo(
-        path=path,
-        url=url,
-        referrer=request.headers.get("Referer"),
+    return build_request_info(
+        scheme=request.scheme or "http",
+        host=host,
+        path=request.path,
+        query=_raw_query(request),
+        referrer=request.META.get("HTTP_REFERER"),
+        options=options,
         visitor=lambda: chooser(request),
     )
 
@@ -136,6 +176,9 @@ class ProdulMiddleware:
     visitor id is not ``None``. Tracking problems are logged, never raised
     into the response.
 
+    It is both sync and async capable: under ASGI, in a chain of async
+    capable middleware, async views run without a hop to a thread.
+
     Args:
         get_response: The next middleware or view (Django's middleware protocol).
 
@@ -144,14 +187,20 @@ class ProdulMiddleware:
     """
 
     sync_capable = True
-    async_capable = False
+    async_capable = True
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
         self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            # Django then calls (and awaits) this instance as a coroutine function.
+            markcoroutinefunction(self)
         _load()
 
-    def __call__(self, request: HttpRequest) -> HttpResponseBase:
-        """Handle one request."""
+    def __call__(self, request: HttpRequest) -> Any:
+        """Handle one request (returns an awaitable in async mode)."""
+        if self.async_mode:
+            return self.__acall__(request)
         client, options = _load()
         info = _request_info(request, options)
         token = _current.set(info)
@@ -159,8 +208,42 @@ class ProdulMiddleware:
             response = self.get_response(request)
         finally:
             _current.reset(token)
-        if info.path is not None and options.wants_pageview(
-            request.method or "", response.status_code, response.get("Content-Type", ""), info.path
-        ):
+        if _wants_pageview(options, request, response, info):
             track_pageview_safely(client, info)
         return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        """Handle one request under ASGI, without leaving the event loop."""
+        client, options = _load()
+        info = _request_info(request, options)
+        token = _current.set(info)
+        try:
+            response: HttpResponseBase = await self.get_response(request)
+        finally:
+            _current.reset(token)
+        if _wants_pageview(options, request, response, info):
+            if options.visitor_id is None:
+                # The default visitor reads request.user, which may query
+                # the database: load it the async way first, then look again.
+                await _load_user(request)
+                info.forget_visitor()
+            track_pageview_safely(client, info)
+        return response
+
+
+def _wants_pageview(
+    options: IntegrationOptions, request: HttpRequest, response: HttpResponseBase, info: RequestInfo
+) -> bool:
+    return info.path is not None and options.wants_pageview(
+        request.method or "", response.status_code, response.get("Content-Type", ""), info.path
+    )
+
+
+async def _load_user(request: HttpRequest) -> None:
+    auser = getattr(request, "auser", None)  # Django 5+, AuthenticationMiddleware
+    if auser is None:
+        return
+    try:
+        await auser()
+    except Exception:
+        log.exception("produl_server: could not load the user of the request")

@@ -42,7 +42,7 @@ from . import (
     RequestInfo,
     _current,
     build_client,
-    quote_path,
+    build_request_info,
     split_options,
 )
 from .wsgi import track_pageview_safely
@@ -175,13 +175,15 @@ class ProdulFlask:
 
 def _request_info(options: IntegrationOptions) -> RequestInfo:
     request = flask.request
-    path = quote_path(request.path)
-    url = f"{request.scheme}://{request.host}{path}"
-    if options.include_query and request.query_string:
-        url += "?" + request.query_string.decode("latin-1")
     chooser = options.visitor_id or default_visitor_id
-    return RequestInfo(
-        path=path, url=url, referrer=request.referrer, visitor=lambda: chooser(request)
+    return build_request_info(
+        scheme=request.scheme,
+        host=request.host,
+        path=request.path,
+        query=request.query_string,
+        referrer=request.environ.get("HTTP_REFERER"),
+        options=options,
+        visitor=lambda: chooser(request),
     )
 
 

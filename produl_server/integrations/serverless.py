@@ -71,6 +71,21 @@ class flush_after:  # noqa: N801 -- used as a decorator, named like one
         self.client = client
         self.timeout = timeout
 
+    def _budget(self, remaining: float | None) -> float:
+        if remaining is None:
+            return self.timeout
+        return max(0.0, min(self.timeout, remaining - SAFETY_MARGIN))
+
+    def _report(self, done: bool, budget: float) -> bool:
+        if not done:
+            log.warning(
+                "produl_server: %d event(s) not delivered within %.2f s at the end of the "
+                "invocation; they stay queued for the next one",
+                self.client.stats.pending,
+                budget,
+            )
+        return done
+
     def flush(self, remaining: float | None = None) -> bool:
         """Flush now, within ``timeout`` and the time the invocation has left.
 
@@ -80,22 +95,30 @@ class flush_after:  # noqa: N801 -- used as a decorator, named like one
         Returns:
             Whether everything tracked so far was delivered (or handled).
         """
-        budget = self.timeout
-        if remaining is not None:
-            budget = max(0.0, min(budget, remaining - SAFETY_MARGIN))
+        budget = self._budget(remaining)
         try:
             done = self.client.flush(budget)
         except Exception:
             log.exception("produl_server: flush at the end of the invocation failed")
             return False
-        if not done:
-            log.warning(
-                "produl_server: %d event(s) not delivered within %.2f s at the end of the "
-                "invocation; they stay queued for the next one",
-                self.client.stats.pending,
-                budget,
-            )
-        return done
+        return self._report(done, budget)
+
+    async def aflush(self, remaining: float | None = None) -> bool:
+        """:meth:`flush` for async handlers: the event loop keeps running meanwhile.
+
+        Args:
+            remaining: Seconds the invocation has left, if known.
+
+        Returns:
+            Whether everything tracked so far was delivered (or handled).
+        """
+        budget = self._budget(remaining)
+        try:
+            done = await self.client.aflush(budget)
+        except Exception:
+            log.exception("produl_server: flush at the end of the invocation failed")
+            return False
+        return self._report(done, budget)
 
     def __enter__(self) -> flush_after:
         return self
@@ -132,9 +155,8 @@ class flush_after:  # noqa: N801 -- used as a decorator, named like one
                 try:
                     return await handler(*args, **kwargs)
                 finally:
-                    # Blocks the loop for at most the budget: the invocation
-                    # is over anyway once the handler's coroutine is.
-                    self.flush(_remaining_seconds(args, kwargs))
+                    # Other tasks of the loop keep running while it waits.
+                    await self.aflush(_remaining_seconds(args, kwargs))
 
             return run_async
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextvars
 import importlib
 import logging
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,8 @@ from . import (
     RequestInfo,
     _current,
     build_client,
-    quote_path,
+    build_request_info,
+    header_text,
     split_options,
 )
 
@@ -69,11 +69,6 @@ def uwsgi_threads_enabled() -> bool | None:
         return False
 
 
-def _decode(value: str) -> str:
-    # PEP 3333: environ strings are bytes decoded as latin-1.
-    return value.encode("latin-1").decode("utf-8", "replace")
-
-
 def environ_info(
     environ: WSGIEnvironment,
     options: IntegrationOptions,
@@ -89,9 +84,6 @@ def environ_info(
     Returns:
         The path (percent-encoded), URL and referrer of the request.
     """
-    path = quote_path(_decode(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")))
-    if not path.startswith("/"):
-        path = "/" + path
     scheme = environ.get("wsgi.url_scheme", "http")
     host = environ.get("HTTP_HOST")
     if not host:
@@ -99,13 +91,16 @@ def environ_info(
         port = environ.get("SERVER_PORT", "")
         if port and port != {"http": "80", "https": "443"}.get(scheme):
             host = f"{host}:{port}"
-    url = f"{scheme}://{host}{path}"
-    query = environ.get("QUERY_STRING")
-    if options.include_query and query:
-        url += "?" + urllib.parse.quote(_decode(query), safe="=&;:@!$'()*+,/?%-._~")
-    referrer = environ.get("HTTP_REFERER")
-    return RequestInfo(
-        path=path, url=url, referrer=_decode(referrer) if referrer else None, visitor=visitor
+    # PEP 3333: environ strings are the request's bytes decoded as latin-1.
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    return build_request_info(
+        scheme=scheme,
+        host=host,
+        path=header_text(path),
+        query=environ.get("QUERY_STRING", "").encode("latin-1"),
+        referrer=environ.get("HTTP_REFERER"),
+        options=options,
+        visitor=visitor,
     )
 
 

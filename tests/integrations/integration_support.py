@@ -170,3 +170,27 @@ def serve_gunicorn(spawn, env: dict[str, str], app: str, *options: str, name: st
     base = f"http://127.0.0.1:{port}"
     wait_http(proc, base + "/healthz")
     return proc, base
+
+
+def serve_uvicorn(spawn, env: dict[str, str], app: str, *options: str, name: str):
+    """Serve the ASGI *app* with uvicorn on a free loopback port; return (proc, base URL)."""
+    port = free_port()
+    proc = spawn(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            *options,
+            app,
+        ],
+        env,
+        name=name,
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_http(proc, base + "/healthz")
+    return proc, base

@@ -1,0 +1,163 @@
+"""P7, overhead on an ASGI app: FastAPI under uvicorn, with and without Produl.
+
+``bench/_asgi_app.py`` serves a small JSON endpoint; tracked, it runs behind
+:class:`~produl_server.integrations.asgi.ProdulMiddleware` and each request
+calls ``track_event`` once, its path, URL and visitor filled in from the
+request context. uvicorn runs one process (the event loop in its main
+thread); the load client and the way each repeat runs are P6's: fresh
+servers, untracked first, a second of warm-up, then the measurement, the
+figures paired repeat by repeat.
+
+The figure judged is the CPU time the uvicorn process spent per request
+(from ``/proc``), tracked against untracked: requests per second on a shared
+2-core machine swing with whatever else runs, CPU per request much less.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench import _proc
+from bench._collector import CollectorProcess
+from bench._report import Line, Result, Sizes
+from bench._stats import Summary, ratio
+from bench.p6_app import CONNECTIONS, _cpu_seconds, _free_port, _get_json, _load
+
+PLAIN = "untracked"
+TRACKED = "tracked"
+_WARMUP_SECONDS = 1.0
+#: The most CPU per request tracking may add: 3 %.
+TARGET = 1.03
+
+
+class _Uvicorn:
+    def __init__(self, track: bool, collector: CollectorProcess) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = _proc.child_env(
+            {
+                "BENCH_TRACK": "1" if track else "0",
+                "BENCH_COLLECTOR": collector.url,
+                "BENCH_KEY": collector.key,
+            }
+        )
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            "bench._asgi_app:app",
+        ]
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=_proc.NEUTRAL_CWD,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise _proc.ChildError(f"uvicorn exited {self.proc.returncode}")
+            try:
+                _get_json(self.base + "/_stats", 1.0)
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise _proc.ChildError("uvicorn did not answer in time")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # graceful: the lifespan shutdown runs
+        _proc.stop(self.proc, grace=8.0)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+def _one(track: bool, collector: CollectorProcess, seconds: float) -> dict[str, Any]:
+    server = _Uvicorn(track, collector)
+    try:
+        server.wait_ready()
+        url = server.base + "/invoice/4242"
+        _load(url, _WARMUP_SECONDS)
+        cpu = _cpu_seconds(server.proc.pid)
+        result = _load(url, seconds)
+        result["seconds"] = seconds
+        result["cpu_s"] = _cpu_seconds(server.proc.pid) - cpu
+        result["stats"] = _get_json(server.base + "/_stats")
+    finally:
+        server.close()
+    return result
+
+
+def measure(sizes: Sizes) -> dict[str, Any]:
+    """Alternate fresh untracked and tracked servers under the same load (P6's sizes)."""
+    runs: dict[str, list[dict[str, Any]]] = {PLAIN: [], TRACKED: []}
+    with CollectorProcess(rate_limit=2000) as collector:
+        for _ in range(sizes.p6_repeats):
+            for variant, done in runs.items():
+                done.append(_one(variant == TRACKED, collector, sizes.p6_seconds))
+    return {"runs": runs, "client": "wrk" if shutil.which("wrk") else "bench/_load.py"}
+
+
+def run(sizes: Sizes) -> Result:
+    """P7 as table rows."""
+    raw = measure(sizes)
+    runs = raw["runs"]
+    rps = {v: Summary.of([r["rps"] for r in rs]) for v, rs in runs.items()}
+    cpu = {
+        v: Summary.of([r["cpu_s"] * 1e6 / max(r["rps"] * r["seconds"], 1) for r in rs])
+        for v, rs in runs.items()
+    }
+    paired = Summary.of(
+        [
+            (t["cpu_s"] / max(t["rps"], 1e-9)) / max(p["cpu_s"] / max(p["rps"], 1e-9), 1e-12)
+            for t, p in zip(runs[TRACKED], runs[PLAIN], strict=True)
+        ]
+    )
+    dropped = sum(r["stats"].get("dropped", 0) for r in runs[TRACKED])
+    errors = sum(r["errors"] + r["timeouts"] for rs in runs.values() for r in rs)
+    lines = [
+        Line(
+            "P7",
+            "FastAPI + uvicorn CPU per request, middleware + 1 event",
+            cpu[TRACKED].show("µs", 3),
+            f"untracked {cpu[PLAIN].show('µs', 3)}",
+            "",
+            f"{paired.median:.3f}x ({paired.low:.3f}..{paired.high:.3f}) untracked",
+            f"≤ {TARGET:.2f}x untracked",
+            paired.median <= TARGET and dropped == 0 and errors == 0,
+        ),
+        Line(
+            "P7",
+            "FastAPI + uvicorn, requests/s",
+            rps[TRACKED].show("req/s", 3),
+            f"untracked {rps[PLAIN].show('req/s', 3)}",
+            "",
+            f"{ratio(rps[TRACKED].median, rps[PLAIN].median):.1%} of untracked",
+            "(reported)",
+            None,
+        ),
+    ]
+    queued = Summary.of([r["stats"].get("queued", 0) for r in runs[TRACKED]]).median
+    notes = [
+        (__doc__ or "").split("\n\n", 1)[1].strip(),
+        f"Load client: {raw['client']}, {CONNECTIONS} connections; {sizes.p6_repeats} "
+        f"repeats of {sizes.p6_seconds:g} s per variant. Events queued per tracked run "
+        f"(median): {queued:,.0f}; dropped in all tracked runs: {dropped}; failed "
+        f"requests in all runs: {errors:.0f}.",
+    ]
+    return Result("P7", "overhead on a FastAPI app under uvicorn", lines, notes, raw)
