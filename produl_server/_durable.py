@@ -16,10 +16,14 @@ Both are reached only from the sender (and the exit path), never from a
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 from collections.abc import Iterable
 
-from ._config import Config, mask_url
+from urllib3.util import parse_url
+
+from ._config import MAX_SECONDS, Config, is_loopback, mask_url
 from ._hostquota import HostQuota
 from ._schedule import Quota, RollingQuota
 from ._spool import Spool, SpooledEvent, SpoolError
@@ -29,7 +33,9 @@ log = logging.getLogger("produl_server")
 
 #: How long a claimed spooled event stays this sender's; after it, another
 #: process may take it (this one died): the cost is a duplicate, never a loss.
-SPOOL_LEASE = 300.0
+#: ``PRODUL_SPOOL_LEASE`` changes it (seconds).
+SPOOL_LEASE = 60.0
+LEASE_ENV = "PRODUL_SPOOL_LEASE"
 #: Spooled events taken per claim.
 SPOOL_BATCH = 50
 
@@ -64,6 +70,11 @@ def make_quota(config: Config) -> Quota:
     limit = config.max_requests_per_minute
     if limit is None or not config.shared_quota:
         return RollingQuota(limit)
+    if config.quota_dir is None and is_loopback(parse_url(config.api_url).host or ""):
+        # A collector on this machine is not Produl's API: a test suite's many
+        # clients would wait on each other for a quota nobody enforces.
+        # quota_dir (PRODUL_QUOTA_DIR) shares it anyway.
+        return RollingQuota(limit)
     return HostWideQuota(HostQuota(limit, config.api_url, config.quota_dir))
 
 
@@ -74,8 +85,9 @@ class Outbox:
         spool: The open spool.
     """
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, lease: float = SPOOL_LEASE) -> None:
         self.spool = spool
+        self.lease = lease
         self.directory = str(spool.directory)
         self._reported: set[str] = set()
 
@@ -90,7 +102,7 @@ class Outbox:
     def take(self) -> list[SpooledEvent]:
         """Claim the next few spooled events for this sender."""
         try:
-            return self.spool.claim(SPOOL_BATCH, SPOOL_LEASE)
+            return self.spool.claim(SPOOL_BATCH, self.lease)
         except SpoolError as exc:
             self._report(exc)
             return []
@@ -127,6 +139,20 @@ class Outbox:
             log.error("produl_server: %s", text)
 
 
+def _lease(text: str | None) -> float:
+    if text is None:
+        return SPOOL_LEASE
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_SECONDS:
+        raise ConfigurationError(
+            f"{LEASE_ENV} must be seconds, more than 0 and at most {MAX_SECONDS:g}"
+        )
+    return value
+
+
 def open_outbox(config: Config) -> Outbox | None:
     """Open the configured spool, or None without one.
 
@@ -136,8 +162,9 @@ def open_outbox(config: Config) -> Outbox | None:
     """
     if config.spool_dir is None:
         return None
+    lease = _lease(os.environ.get(LEASE_ENV))
     try:
-        return Outbox(Spool(config.spool_dir, config.api_url))
+        return Outbox(Spool(config.spool_dir, config.api_url), lease)
     except SpoolError as exc:
         raise ConfigurationError(
             f"spool_dir cannot be used for {mask_url(config.api_url)}: {exc}"

@@ -620,6 +620,9 @@ class Worker:
         self._quota = make_quota(config)
         self._outbox = open_outbox(config)
         self._reset()
+        if self._outbox is not None and config.enabled and self._outbox.count():
+            # Events spooled by an earlier run: deliver them now, first.
+            self._start()
 
     def _reset(self) -> None:
         """Fresh state: at construction, and in a child after ``fork()``."""
@@ -793,6 +796,34 @@ class Worker:
     def stats(self) -> Stats:
         """A snapshot of the counters."""
         return self._core.ledger.stats()
+
+    def drain_spool(self, timeout: float, progress: Callable[[int], object] | None = None) -> int:
+        """Deliver the spool's events until it is empty or *timeout*; return what is left.
+
+        Args:
+            timeout: Seconds to spend at most.
+            progress: Called with the number of events still spooled, a few
+                times a second.
+        """
+        outbox = self._outbox
+        if outbox is None:
+            return 0
+        ledger = self._core.ledger
+        deadline = self._clock() + (_bounded(timeout) or 0.0)
+        sender = self._sender or self._start()
+        while True:
+            left = outbox.count()
+            if progress is not None:
+                progress(left)
+            now = self._clock()
+            if (left == 0 and ledger.pending == 0) or now >= deadline or sender is None:
+                return left
+            sender.spool_now()
+            ledger.wait(ledger.accepted, min(0.25, deadline - now))
+
+    def spool_count(self) -> int:
+        """Events in the spool now (0 without one)."""
+        return 0 if self._outbox is None else self._outbox.count()
 
     def _start(self) -> ThreadSender | None:
         with self._start_lock:

@@ -323,6 +323,54 @@ def cmd_send(args: argparse.Namespace) -> int:
     raise CommandError("not delivered")
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Deliver a spool's events, within the host's quota.
+
+    Args:
+        args: Parsed ``drain`` arguments.
+
+    Returns:
+        0 when the spool is empty at the end.
+
+    Raises:
+        CommandError: When events are left (``main`` turns it into exit
+            status 1 and a one-line reason).
+    """
+    from produl_server import Produl  # noqa: PLC0415 -- the client is only needed here
+    from produl_server.exceptions import ConfigurationError  # noqa: PLC0415
+
+    try:
+        client = Produl(
+            server_key=args.server_key,
+            api_url=args.api_url,
+            spool_dir=args.spool,
+            max_requests_per_minute=args.rate_limit,
+            max_retry_time=args.timeout,
+            shutdown_timeout=min(5.0, args.timeout),
+        )
+    except ConfigurationError as exc:
+        raise _UsageError(str(exc)) from None
+    show = _progress if sys.stderr.isatty() else None
+    try:
+        client._worker.drain_spool(args.timeout, show)
+    finally:
+        client.shutdown()
+        if show is not None:
+            sys.stderr.write("\n")
+    left = client._worker.spool_count()
+    sent = client.stats.sent
+    where = mask_url(client.config.api_url)
+    if left:
+        raise CommandError(f"{left} event(s) still spooled in {args.spool} after {sent} sent")
+    _out(f"delivered {sent} spooled event(s) to {where}; the spool is empty")
+    return OK
+
+
+def _progress(left: int) -> None:
+    sys.stderr.write(f"\r{PROG}: {left} event(s) left in the spool ")
+    sys.stderr.flush()
+
+
 def _explain(error: BaseException) -> str:
     reason = getattr(error, "reason", "")
     status = getattr(error, "status", None)
@@ -413,6 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
             "--timeout", type=_seconds, default=10.0, help="seconds to keep trying (default 10)"
         )
 
+    dr = sub.add_parser("drain", help="deliver the events kept in a spool directory")
+    dr.add_argument("--spool", required=True, metavar="DIR", help="the client's spool_dir")
+    dr.add_argument("--server-key", help="default: $PRODUL_SERVER_KEY")
+    dr.add_argument("--api-url", help="default: $PRODUL_API_URL or Produl's API")
+    dr.add_argument(
+        "--timeout", type=_seconds, default=60.0, help="seconds to spend at most (default 60)"
+    )
+    dr.add_argument(
+        "--rate-limit",
+        type=_rate_limit,
+        default=KEYED_RATE_LIMIT,
+        metavar="N|off",
+        help=f"requests per minute, shared with this host's clients (default {KEYED_RATE_LIMIT})",
+    )
+
     sub.add_parser("demo", help="a tour against an embedded collector; no account needed")
     return parser
 
@@ -444,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_collector(args)
         if args.command == "events":
             return cmd_events(args)
+        if args.command == "drain":
+            return cmd_drain(args)
         if args.command == "demo":
             from produl_server._demo import run_demo  # noqa: PLC0415
 

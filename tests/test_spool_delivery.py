@@ -1,0 +1,173 @@
+"""The spool end to end: real scripts, a real ``produl-server drain``, a real collector."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from produl_server import ConfigurationError, Produl
+from produl_server.testing import LocalCollector
+
+pytestmark = pytest.mark.slow
+
+
+def env_for(collector, **extra):
+    env = {
+        "PRODUL_SERVER_KEY": collector.server_key,
+        "PRODUL_API_URL": collector.url,
+        "PYTHONPATH": ":".join(sys.path),
+        "PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin",
+    }
+    env.update(extra)
+    return env
+
+
+def run_script(code, env, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def drain(env, spool, *options, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "produl_server", "drain", "--spool", str(spool), *options],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+TRACK = """
+    import sys
+    from produl_server import Produl
+    produl = Produl(spool_dir=sys.argv[1] if len(sys.argv) > 1 else {spool!r},
+                    shutdown_timeout={budget}, max_requests_per_minute=None,
+                    retry_initial_delay=0.05, retry_max_delay=0.2)
+    for i in range({count}):
+        produl.track_event("e", {{"i": i}}, visitor_id=f"v{{i % 50}}")
+    print(produl.stats)
+"""
+
+
+def counts(collector):
+    return collections.Counter(e["pr"]["i"] for e in collector.events)
+
+
+def test_a_3000_event_script_spools_what_its_budget_cannot_send(tmp_path):
+    spool = tmp_path / "spool"
+    with LocalCollector() as collector:
+        collector.latency = 0.01
+        env = env_for(collector)
+        result = run_script(TRACK.format(spool=str(spool), budget=2.0, count=3000), env)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        first = len(collector.events)
+        if first < 3000:
+            assert "were spooled in" in result.stderr
+            assert str(spool) in result.stderr
+        collector.latency = 0.0
+        drained = drain(env, spool, "--rate-limit", "off", "--timeout", "60")
+        assert drained.returncode == 0, drained.stderr
+        assert "the spool is empty" in drained.stdout
+        seen = counts(collector)
+        assert set(seen) == set(range(3000))
+        duplicates = sum(seen.values()) - 3000
+        # Only a request whose answer was lost at the deadline can be sent twice.
+        assert duplicates <= 4
+
+
+def test_a_collector_down_for_the_whole_run_then_up(tmp_path):
+    spool = tmp_path / "spool"
+    with LocalCollector() as collector:
+        collector.fail_next(1_000_000, status=503)
+        env = env_for(collector)
+        code = TRACK.format(spool=str(spool), budget=1.0, count=200)
+        result = run_script(code + "    produl.shutdown()\n    print(produl.stats)\n", env)
+        assert result.returncode == 0, result.stderr
+        assert "200 event(s) not delivered before the shutdown deadline were spooled" in (
+            result.stderr
+        )
+        assert "pending=0, spooled=200" in result.stdout
+        assert collector.events == []
+        collector.reset()  # the collector is back
+        drained = drain(env, spool, "--timeout", "60")
+        assert drained.returncode == 0, drained.stderr
+        assert sorted(counts(collector).elements()) == list(range(200))
+
+
+def test_drain_killed_midway_then_run_again_loses_nothing(tmp_path):
+    spool = tmp_path / "spool"
+    with LocalCollector() as collector:
+        collector.fail_next(1_000_000, status=503)
+        env = env_for(collector, PRODUL_SPOOL_LEASE="2")
+        result = run_script(TRACK.format(spool=str(spool), budget=0.5, count=400), env)
+        assert result.returncode == 0, result.stderr
+        collector.reset()
+        collector.latency = 0.02
+        killed = subprocess.Popen(
+            [sys.executable, "-m", "produl_server", "drain", "--spool", str(spool)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            collector.wait_for(60, timeout=60)
+        finally:
+            killed.send_signal(signal.SIGKILL)
+            killed.wait(30)
+        collector.latency = 0.0
+        # The claims of the killed drainer come back after their 2 s lease.
+        drained = drain(env, spool, "--rate-limit", "off", "--timeout", "60")
+        assert drained.returncode == 0, drained.stderr
+        seen = counts(collector)
+        assert set(seen) == set(range(400))
+        # Duplicates: at most what the killed drainer had claimed.
+        assert sum(seen.values()) - 400 <= 50
+
+
+def test_a_new_client_delivers_the_spool_first(tmp_path):
+    spool = tmp_path / "spool"
+    with LocalCollector() as collector:
+        collector.fail_next(1_000_000, status=503)
+        result = run_script(
+            TRACK.format(spool=str(spool), budget=0.5, count=30), env_for(collector)
+        )
+        assert result.returncode == 0, result.stderr
+        collector.reset()
+        produl = Produl(server_key=collector.server_key, api_url=collector.url, spool_dir=spool)
+        try:
+            events = collector.wait_for(30, timeout=30)
+            assert sorted(e["pr"]["i"] for e in events) == list(range(30))
+        finally:
+            produl.shutdown(timeout=2)
+        assert produl.stats.sent == 30
+
+
+def test_a_spool_directory_that_cannot_be_used_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigurationError) as caught:
+        Produl(server_key="sk_test_key_0000", spool_dir=blocker / "spool", enabled=False)
+    message = str(caught.value)
+    assert "spool_dir" in message
+    assert "\n" not in message
+    with LocalCollector() as collector:
+        result = drain(env_for(collector), blocker / "spool")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert collector.server_key not in result.stderr
