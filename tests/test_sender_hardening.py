@@ -305,3 +305,24 @@ def test_a_proxy_from_the_environment_with_unsendable_credentials_is_reported_ma
     for secret in ("s%C3%A9cr%E2%80%93t", "s\u00e9cr\u2013t", "s\u00e9cr"):
         assert secret not in result.stderr + result.stdout
     assert "{'retries_exhausted': 1}" in result.stdout
+
+
+def test_a_script_that_tracks_1000_events_and_ends_delivers_them_all():
+    # At 70f9b78 this delivered 170: the pacer spread the burst over a minute.
+    from produl_server.testing import LocalCollector
+
+    with LocalCollector(rate_limit=2000) as collector:
+        result = run_script(
+            """
+            from produl_server import Produl
+            produl = Produl()
+            for i in range(1000):
+                produl.track_event("e", {"i": i}, visitor_id=f"v{i % 20}")
+            """,
+            ("PRODUL_SERVER_KEY", collector.server_key),
+            ("PRODUL_API_URL", collector.url),
+        )
+        assert result.returncode == 0, result.stderr
+        assert "not delivered" not in result.stderr
+        assert sorted(e["pr"]["i"] for e in collector.events) == list(range(1000))
+        assert 429 not in [r.status for r in collector.requests]
