@@ -125,6 +125,8 @@ def test_inspection_api_is_not_readable_cross_origin(
     [
         ("/", "text/html; charset=utf-8", b'<tbody id="events">'),
         ("/app.js", "text/javascript; charset=utf-8", b"/api/events"),
+        ("/", "text/html; charset=utf-8", b'<svg id="pace-chart" role="img"'),
+        ("/app.js", "text/javascript; charset=utf-8", b"/api/pace"),
         ("/app.css", "text/css; charset=utf-8", b"table"),
     ],
 )

@@ -6,6 +6,7 @@ in CI a missing browser fails, so the page is never silently untested.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -13,7 +14,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import urllib3
 
+from produl_server._protocol import KEY_HEADER
 from produl_server.testing import LocalCollector
 
 if TYPE_CHECKING:
@@ -203,10 +206,103 @@ def test_page_without_the_token_is_locked_until_one_is_pasted(
         page.click("#unlock button")
         expect(page.locator("#status")).to_contain_text("locked")
 
+        expect(page.locator("#pace-summary")).to_have_text("Waiting for the collector…")
+
         page.fill("#token", produl_collector.server_key)  # the key works too
         page.click("#unlock button")
         expect(rows(page)).to_have_count(1)
         expect(page.locator("#unlock")).to_be_hidden()
         expect(page.locator("#status")).to_contain_text("live")
+        expect(page.locator("#pace-summary")).to_contain_text("1 request in the last minute")
     finally:
         context.close()
+
+
+# -- the pace chart --------------------------------------------------------------
+
+#: Each second drawn in the chart: {t, requests, refused, marked}.
+_BARS_JS = """() => Array.from(document.querySelectorAll("#pace-chart g.second")).map((g) => ({
+  t: Number(g.dataset.t),
+  requests: Number(g.dataset.requests),
+  refused: Number(g.dataset.refused),
+  marked: g.querySelector("rect.refused-mark") !== null,
+  height: g.querySelector("rect.bar").getBBox().height,
+}))"""
+
+
+def test_pace_chart_shows_a_burst_its_429s_and_the_quota(
+    browser: Any, artifacts: pathlib.Path
+) -> None:
+    from playwright.sync_api import expect
+
+    # A fixed window of a minute: the first 5 of the burst get through and
+    # the rest are refused, however slowly a loaded machine sends them.
+    collector = LocalCollector(rate_limit=5, rate_limit_mode="fixed").start()
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    http = urllib3.PoolManager(maxsize=1, retries=False, timeout=10.0)
+    errors: list[str] = []
+    try:
+        page = context.new_page()
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.set_default_timeout(WAIT_MS)
+        page.goto(collector.page_url)
+        summary = page.locator("#pace-summary")
+        expect(summary).to_contain_text("0 requests in the last minute, 0 refused")
+        expect(page.locator("#pace-chart g.second")).to_have_count(0)
+        expect(page.locator("#pace-chart")).to_contain_text("quota 5/min = 0.08/s")
+
+        body = json.dumps({"t": "ev", "n": "burst", "vi": "u1"}).encode()
+        headers = {KEY_HEADER: collector.server_key}
+        statuses = [
+            http.request("POST", collector.url + "/api/collect", body=body, headers=headers).status
+            for _ in range(12)
+        ]
+        assert statuses == [204] * 5 + [429] * 7
+
+        # Wait until the chart has drawn all twelve, then read what it drew.
+        page.wait_for_function(
+            "(n) => Array.from(document.querySelectorAll('#pace-chart g.second'))"
+            ".reduce((sum, g) => sum + Number(g.dataset.requests), 0) === n",
+            arg=12,
+        )
+        bars = page.evaluate(_BARS_JS)
+        assert sum(bar["requests"] for bar in bars) == 12
+        assert sum(bar["refused"] for bar in bars) == 7
+        assert all(bar["height"] > 0 for bar in bars)
+        assert [bar["marked"] for bar in bars] == [bar["refused"] > 0 for bar in bars]
+        assert page.locator("#pace-chart rect.refused-mark").count() >= 1
+        colours = page.evaluate(
+            """() => [".bar", ".refused-mark"].map((selector) =>
+                getComputedStyle(document.querySelector("#pace-chart " + selector)).fill)"""
+        )
+        assert colours[0] != colours[1]
+
+        text = "12 requests in the last minute, 7 refused"
+        expect(summary).to_contain_text(text)
+        expect(summary).to_contain_text("quota 5 per minute")
+        assert text in (page.get_attribute("#pace-chart", "aria-label") or "")
+        assert text in page.locator("#pace-chart-title").text_content()
+        assert page.get_attribute("#pace-chart", "role") == "img"
+        expect(page.locator("#pace-quota")).to_have_count(1)
+
+        page.screenshot(path=str(artifacts / "collector-pace.png"), full_page=True)
+    finally:
+        http.clear()
+        context.close()
+        collector.stop()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def test_pace_chart_without_a_quota_draws_no_quota_line(page: Any, produl: Produl) -> None:
+    from playwright.sync_api import expect
+
+    produl.track_event("signup", visitor_id="u1")
+    produl.track_event("signup", visitor_id="u2")
+    assert produl.flush(timeout=10)
+
+    expect(page.locator("#pace-summary")).to_contain_text(
+        "2 requests in the last minute, 0 refused"
+    )
+    expect(page.locator("#pace-summary")).to_contain_text("no quota")
+    expect(page.locator("#pace-quota")).to_have_count(0)
+    expect(page.locator("#pace-chart rect.refused-mark")).to_have_count(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from produl_server._config import mask_key
 from produl_server.collector._faults import Fault
 from produl_server.collector._format import describe, describe_stored, terminal_json
+from produl_server.collector._pace import PaceHistory, PaceSecond
 from produl_server.collector._ratelimit import (
     DEFAULT_RATE_LIMIT_MODE,
     RATE_LIMIT_MODES,
@@ -33,6 +34,8 @@ __all__ = [
     "Fault",
     "Headers",
     "MemoryStore",
+    "PaceHistory",
+    "PaceSecond",
     "Query",
     "RateLimiter",
     "RecordedRequest",

@@ -29,6 +29,7 @@ logger = logging.getLogger("produl_server.collector")
 
 COLLECT_PATHS = frozenset({COLLECT_PATH, ALIAS_PATH})
 EVENTS_PATH = "/api/events"
+PACE_PATH = "/api/pace"
 HEALTH_PATH = "/healthz"
 #: Oversized bodies up to this size are read and thrown away so the
 #: connection stays usable; beyond it the connection is closed instead.
@@ -163,6 +164,7 @@ class CollectorHandler(BaseHTTPRequestHandler):
             body = _encode(body)
         # Recorded before the answer leaves, so a client that has its answer
         # always finds the request in LocalCollector.requests.
+        self._count_pace(status)
         self._record(status)
         self._answered = True
         self.send_response(status)
@@ -208,6 +210,15 @@ class CollectorHandler(BaseHTTPRequestHandler):
         """Close the connection without answering (a simulated network failure)."""
         self.close_connection = True
         self._record(None)
+
+    def _count_pace(self, status: int) -> None:
+        """Count an answered request to the collection API for ``/api/pace``.
+
+        Only POST requests to the collection paths count: the page's own polls
+        would otherwise draw themselves.
+        """
+        if self.command == "POST" and urlsplit(self.path).path in COLLECT_PATHS:
+            self.collector.pace.count(rate_limited=status == 429)
 
     def _record(self, status: int | None) -> None:
         if not self.collector.record_requests:
@@ -294,7 +305,7 @@ class CollectorHandler(BaseHTTPRequestHandler):
         self._run(self._options)
 
     def do_GET(self) -> None:
-        """Serve the page, its static files, ``/api/events`` and ``/healthz``."""
+        """Serve the page, its static files, ``/api/events``, ``/api/pace`` and ``/healthz``."""
         self._run(self._get)
 
     def do_HEAD(self) -> None:
@@ -434,6 +445,10 @@ class CollectorHandler(BaseHTTPRequestHandler):
             if self._may_inspect():
                 self._list_events(url.query)
             return
+        if url.path == PACE_PATH:
+            if self._may_inspect():
+                self._reply(200, self.collector.pace_json())
+            return
         page = _web.asset(url.path)
         if page is None:
             self._cors = True
@@ -468,7 +483,7 @@ class CollectorHandler(BaseHTTPRequestHandler):
         ):
             return True
         message = (
-            "Reading or deleting events needs the collector's access token "
+            "Reading or deleting events, or reading the pace, needs the collector's access token "
             "(Authorization: Bearer <token>; the live page's address carries it) "
             f"or the server key ({KEY_HEADER})."
         )

@@ -17,6 +17,7 @@ from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
 from produl_server.collector._access import HostCheck
 from produl_server.collector._faults import Faults
 from produl_server.collector._http import CollectorHandler
+from produl_server.collector._pace import PaceHistory
 from produl_server.collector._ratelimit import DEFAULT_RATE_LIMIT_MODE, DEFAULT_WINDOW, RateLimiter
 from produl_server.collector._record import RecordedRequest
 from produl_server.collector._store import Store, StoredEvent
@@ -163,6 +164,8 @@ class CollectorServer:
         self.record_requests = record_requests
         self.on_event = on_event
         self.faults = Faults()
+        #: Answered collection requests and ``429``\ s per second (``/api/pace``).
+        self.pace = PaceHistory()
         #: Notified whenever an event is stored or a request recorded.
         self.changed = threading.Condition()
         self.stopping = threading.Event()
@@ -326,6 +329,28 @@ class CollectorServer:
         with self.changed:
             return list(self._requests)
 
+    @property
+    def quota_per_minute(self) -> float | None:
+        """The keyed rate limit per client IP as requests per minute; ``None`` when off.
+
+        A limit over a shorter ``rate_limit_window`` is scaled to a minute.
+        """
+        limiter = self.keyed_limiter
+        if limiter is None:
+            return None
+        return limiter.limit * 60.0 / limiter.window
+
+    def pace_json(self) -> dict[str, Any]:
+        """The body of ``GET /api/pace``: the recent requests per second and the quota."""
+        now, seconds = self.pace.seconds()
+        quota = self.quota_per_minute
+        return {
+            "window": self.pace.window,
+            "now": now,
+            "quota_per_minute": int(quota) if quota is not None and quota.is_integer() else quota,
+            "seconds": [second.as_json() for second in seconds],
+        }
+
     def reset_limits(self) -> None:
         """Refill every client's rate-limit bucket."""
         for limiter in (self.keyed_limiter, self.keyless_limiter):
@@ -333,6 +358,7 @@ class CollectorServer:
                 limiter.reset()
 
     def clear_requests(self) -> None:
-        """Forget the recorded requests."""
+        """Forget the recorded requests, and the pace history counted from them."""
         with self.changed:
             self._requests.clear()
+        self.pace.clear()

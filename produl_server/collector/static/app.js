@@ -4,6 +4,8 @@
 // Reading events needs the collector's access token: the address it prints
 // carries it in the fragment (#token=...), which never leaves the browser;
 // it is kept for this tab and sent as "Authorization: Bearer <token>".
+// The pace chart polls GET /api/pace (same token) and draws the collection
+// requests per second as SVG bars: 429s in red, the quota as a dashed line.
 "use strict";
 
 const POLL_MS = 1000;
@@ -117,6 +119,151 @@ async function poll() {
   setTimeout(poll, POLL_MS);
 }
 
+// -- the pace chart -----------------------------------------------------------
+
+const PACE_MS = 1000;
+// The chart's coordinate system (the SVG's viewBox) and the plot's margins.
+const CHART = { width: 900, height: 160, left: 44, right: 8, top: 12, bottom: 24 };
+
+function svgNode(name, attributes, text) {
+  // The namespace comes from the <svg> in the page: no URL in this file.
+  const node = document.createElementNS($("pace-chart").namespaceURI, name);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, String(value));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function decimal(value) {
+  if (Number.isInteger(value)) return String(value);
+  return value.toFixed(value < 1 ? 2 : 1);
+}
+
+function plural(count, word) {
+  return `${count} ${word}${count === 1 ? "" : "s"}`;
+}
+
+function lastMinute(pace) {
+  let requests = 0;
+  let refused = 0;
+  for (const second of pace.seconds) {
+    if (second.t <= pace.now - 60) continue;
+    requests += second.requests;
+    refused += second.rate_limited;
+  }
+  return { requests, refused };
+}
+
+function paceSummary(pace) {
+  const { requests, refused } = lastMinute(pace);
+  const peak = Math.max(0, ...pace.seconds.map((second) => second.requests));
+  const quota = pace.quota_per_minute;
+  const limit = quota === null
+    ? "no quota"
+    : `quota ${decimal(quota)} per minute (${decimal(quota / 60)} per second) per client`;
+  return `${plural(requests, "request")} in the last minute, ${refused} refused; `
+    + `peak ${peak} per second in the last ${decimal(pace.window / 60)} minutes; ${limit}.`;
+}
+
+function roundUp(value) {
+  // The top of the scale: 1, 2 or 5 times a power of ten, at least value.
+  const power = 10 ** Math.floor(Math.log10(value));
+  for (const step of [1, 2, 5, 10]) if (step * power >= value) return step * power;
+  return 10 * power;
+}
+
+function paceScale(pace) {
+  const peak = Math.max(0, ...pace.seconds.map((second) => second.requests));
+  const quota = pace.quota_per_minute === null ? 0 : pace.quota_per_minute / 60;
+  const top = roundUp(Math.max(1, peak, quota * 1.2));
+  const plotWidth = CHART.width - CHART.left - CHART.right;
+  const plotHeight = CHART.height - CHART.top - CHART.bottom;
+  const first = pace.now - pace.window + 1;
+  const step = plotWidth / pace.window;
+  return {
+    step,
+    top,
+    bottom: CHART.top + plotHeight,
+    x: (t) => CHART.left + (t - first) * step,
+    y: (count) => CHART.top + plotHeight * (1 - count / top),
+  };
+}
+
+function paceAxes(pace, scale) {
+  const nodes = [
+    svgNode("line", { class: "axis", x1: CHART.left, x2: CHART.width - CHART.right, y1: scale.bottom, y2: scale.bottom }),
+    svgNode("line", { class: "axis", x1: CHART.left, x2: CHART.left, y1: CHART.top, y2: scale.bottom }),
+    svgNode("text", { class: "tick", x: CHART.left - 6, y: CHART.top + 10, "text-anchor": "end" }, decimal(scale.top) + "/s"),
+    svgNode("text", { class: "tick", x: CHART.left - 6, y: scale.bottom, "text-anchor": "end" }, "0"),
+  ];
+  for (let ago = 0; ago < pace.window; ago += 60) {
+    const label = ago === 0 ? "now" : `-${ago / 60} min`;
+    const anchor = ago === 0 ? "end" : "middle";
+    nodes.push(svgNode("text", { class: "tick", x: scale.x(pace.now - ago) + scale.step, y: CHART.height - 6, "text-anchor": anchor }, label));
+  }
+  return nodes;
+}
+
+function paceBar(second, scale) {
+  const width = Math.max(1, scale.step * 0.8);
+  const x = scale.x(second.t);
+  const group = svgNode("g", {
+    class: "second",
+    "data-t": second.t,
+    "data-requests": second.requests,
+    "data-refused": second.rate_limited,
+  });
+  const when = new Date(second.t * 1000).toLocaleTimeString();
+  group.append(svgNode("title", {}, `${when}: ${plural(second.requests, "request")}, ${second.rate_limited} refused`));
+  group.append(svgNode("rect", { class: "bar", x, width, y: scale.y(second.requests), height: scale.bottom - scale.y(second.requests) }));
+  if (second.rate_limited > 0) {
+    // The refused part on top of the bar, and a mark under the axis that
+    // stays visible when the bar is a sliver.
+    const y = scale.y(second.requests);
+    group.append(svgNode("rect", { class: "refused", x, width, y, height: scale.y(second.requests - second.rate_limited) - y }));
+    group.append(svgNode("rect", { class: "refused-mark", x, width: Math.max(2, width), y: scale.bottom + 2, height: 4 }));
+  }
+  return group;
+}
+
+function paceQuota(pace, scale) {
+  if (pace.quota_per_minute === null) return [];
+  const perSecond = pace.quota_per_minute / 60;
+  const y = scale.y(perSecond);
+  const label = `quota ${decimal(pace.quota_per_minute)}/min = ${decimal(perSecond)}/s`;
+  return [
+    svgNode("line", { id: "pace-quota", class: "quota", x1: CHART.left, x2: CHART.width - CHART.right, y1: y, y2: y }),
+    // At the left: the newest bars are at the right.
+    svgNode("text", { class: "quota-label", x: CHART.left + 6, y: Math.max(CHART.top + 10, y - 4) }, label),
+  ];
+}
+
+function renderPace(pace) {
+  const summary = paceSummary(pace);
+  const chart = $("pace-chart");
+  const title = svgNode("title", { id: "pace-chart-title" }, summary);
+  const scale = paceScale(pace);
+  const bars = pace.seconds.map((second) => paceBar(second, scale));
+  chart.replaceChildren(title, ...paceAxes(pace, scale), ...bars, ...paceQuota(pace, scale));
+  chart.setAttribute("aria-label", summary);
+  $("pace-summary").textContent = summary;
+  $("pace-window").textContent = plural(pace.window / 60, "minute");
+}
+
+async function refreshPace() {
+  try {
+    const response = await fetch("/api/pace", { cache: "no-store", headers: authHeaders() });
+    // A locked page or an unreachable collector: the events poll says so.
+    if (response.ok) renderPace(await response.json());
+  } catch (error) {
+    // ditto
+  }
+}
+
+async function pollPace() {
+  await refreshPace();
+  setTimeout(pollPace, PACE_MS);
+}
+
 $("filters").addEventListener("input", refresh);
 $("filters").addEventListener("submit", (event) => event.preventDefault());
 $("reset").addEventListener("click", async () => {
@@ -129,7 +276,7 @@ $("unlock").addEventListener("submit", async (event) => {
   const token = $("token").value.trim();
   if (token) sessionStorage.setItem(TOKEN_KEY, token);
   $("token").value = "";
-  await refresh();
+  await Promise.all([refresh(), refreshPace()]);
 });
 window.addEventListener("hashchange", () => {
   takeTokenFromAddress();
@@ -137,3 +284,4 @@ window.addEventListener("hashchange", () => {
 });
 takeTokenFromAddress();
 poll();
+pollPace();
