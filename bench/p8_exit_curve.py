@@ -15,7 +15,7 @@ interpreter teardown). The floor is the wall time of the same script without
 the SDK (the loop runs, nothing is tracked). Latencies are interleaved run by
 run, the bare script first in each round.
 
-The target, from the issue: at 0 and 10 ms every run delivers 1,000/1,000; at
+The target: at 0 and 10 ms every run delivers 1,000/1,000; at
 every latency the median exit time stays within ``shutdown_timeout``.
 """
 
