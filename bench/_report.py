@@ -55,12 +55,13 @@ class Sizes:
     p5_slice: float
     p6_seconds: float
     p6_repeats: int
+    p8_runs: int
 
 
 SIZES = {
-    "full": Sizes("full", 20_000, 7, 20_000, 5, 15, 10_000, 5, 5_000, 200.0, 20.0, 5.0, 7),
-    "quick": Sizes("quick", 5_000, 5, 5_000, 3, 7, 10_000, 3, 500, 40.0, 10.0, 3.0, 3),
-    "smoke": Sizes("smoke", 300, 2, 200, 2, 2, 300, 2, 30, 8.0, 2.0, 1.0, 2),
+    "full": Sizes("full", 20_000, 7, 20_000, 5, 15, 10_000, 5, 5_000, 200.0, 20.0, 5.0, 7, 5),
+    "quick": Sizes("quick", 5_000, 5, 5_000, 3, 7, 10_000, 3, 500, 40.0, 10.0, 3.0, 3, 3),
+    "smoke": Sizes("smoke", 300, 2, 200, 2, 2, 300, 2, 30, 8.0, 2.0, 1.0, 2, 1),
 }
 
 
@@ -104,6 +105,16 @@ def _cells(line: Line) -> list[str]:
         line.target,
         met_text(line.met),
     ]
+
+
+def rst_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A ``list-table`` directive, to be used as one of a result's notes."""
+    out = [f".. list-table:: {title}", "   :header-rows: 1", ""]
+    for row in [list(headers), *rows]:
+        cells = [cell or "\\" for cell in row]
+        out.append(f"   * - {cells[0]}")
+        out += [f"     - {cell}" for cell in cells[1:]]
+    return "\n".join(out)
 
 
 def text_table(results: Sequence[Result]) -> str:

@@ -34,7 +34,7 @@ IDLE = "produl, no event"
 
 _PRELUDE = """\
 import sys, time
-sys.path.insert(0, {root!r})
+sys.path.append({root!r})  # after PYTHONPATH: the snapshot or --sdk comes first
 from bench import _guard
 _guard.install()
 """

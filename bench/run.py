@@ -1,6 +1,6 @@
 """Run the suite: ``python -m bench [--quick | --smoke] [--only P1,P2] [--sdk DIR]``.
 
-Prints the summary table and, after a full run of all seven measures, writes
+Prints the summary table and, after a full run of all eight measures, writes
 ``docs/performance.rst``. ``--quick`` and ``--smoke`` are for development
 and tests; they write the page only with an explicit ``--out``.
 Exit status: 0 when the suite ran (whether or not targets were met), 1 when
@@ -26,16 +26,27 @@ import attrs
 from bench import _guard, _proc, _report, _sdks
 from bench._report import Result, Sizes
 
-MEASURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7")
-# --smoke leaves P7 (FastAPI under uvicorn) out on purpose: it is P6's method
-# on another server, and tests/test_bench_smoke.py checks P1..P6 only. Run it
-# with --only P7 (or a full or --quick run, which include it).
-SMOKE_MEASURES = MEASURES[:-1]
+MEASURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
+# --smoke leaves P7 (FastAPI under uvicorn) and P8 (the exit curve) out on
+# purpose: P7 is P6's method on another server, P8 is P3's script with 1,000
+# events (it takes a minute even when tiny), and tests/test_bench_smoke.py
+# checks P1..P6 only. Run them with --only P7,P8 (or a full or --quick run,
+# which include them).
+SMOKE_MEASURES = MEASURES[:6]
 DEFAULT_PAGE = _proc.ROOT / "docs" / "performance.rst"
 
 
 def _runners(sizes: Sizes, peers: list[str]) -> dict[str, Callable[[], Result]]:
-    from bench import p1_caller, p2_sender, p3_exit, p4_memory, p5_quota, p6_app, p7_asgi
+    from bench import (
+        p1_caller,
+        p2_sender,
+        p3_exit,
+        p4_memory,
+        p5_quota,
+        p6_app,
+        p7_asgi,
+        p8_exit_curve,
+    )
 
     return {
         "P1": lambda: p1_caller.run(sizes, peers),
@@ -45,6 +56,7 @@ def _runners(sizes: Sizes, peers: list[str]) -> dict[str, Callable[[], Result]]:
         "P5": lambda: p5_quota.run(sizes),
         "P6": lambda: p6_app.run(sizes),
         "P7": lambda: p7_asgi.run(sizes),
+        "P8": lambda: p8_exit_curve.run(sizes),
     }
 
 
