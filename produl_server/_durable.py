@@ -131,6 +131,10 @@ class Outbox:
     def after_fork_in_child(self) -> None:
         self.spool.after_fork_in_child()
 
+    def close(self) -> None:
+        """Close the database (the client has finished)."""
+        self.spool.close()
+
     def _report(self, exc: SpoolError) -> None:
         # One line per distinct cause: a full disk fails every write.
         text = str(exc)

@@ -146,6 +146,10 @@ class _Core:
 
     def settle(self, item: Item, outcome: Outcome) -> bool:
         """Account for one attempt. True when the event must be tried again."""
+        if self.finished:
+            # Given up at the deadline from another thread; and at interpreter
+            # exit a daemon thread must not write to stderr any more.
+            return False
         if outcome.verdict is Answer.DELIVERED:
             self.schedule.answered()
             self.ledger.finish(item.seq)
@@ -290,6 +294,8 @@ class _Core:
                     self.call_hook(error, item)
         if self.transport is not None:
             self.transport.close()
+        if self.outbox is not None:
+            self.outbox.close()
 
 
 class InlineSender:
@@ -366,6 +372,8 @@ class ThreadSender:
         self._jobs: queue.SimpleQueue[tuple[Item, float | None] | None] = queue.SimpleQueue()
         self._done: collections.deque[tuple[Item, Outcome]] = collections.deque()
         self._lanes: list[threading.Thread] = []
+        #: Set when a lane could not start (interpreter exit): no more tries.
+        self._no_new_lanes = False
         #: Smoothed seconds per request, to size the lanes.
         self._latency = 0.0
         #: When to look in the spool next (at once: on start).
@@ -410,11 +418,11 @@ class ThreadSender:
         core = self._core
         self.wake.clear()
         self.resting = False
+        if core.finished:  # finished from another thread at the deadline
+            return True
         self._settle_done()
         now = core.clock()
         deadline = self.deadline
-        if core.finished:
-            return True
         if deadline is not None:
             self.drain_to = core.ledger.accepted
             if now >= deadline or self._idle():
@@ -456,6 +464,9 @@ class ThreadSender:
         while True:
             self._settle_done()
             limit = self._lane_limit()
+            if limit > len(self._lanes) and limit > 1:
+                self._grow_lanes(limit)
+                limit = self._lane_limit()
             self._fill(limit)
             if not core.pending:
                 return None if self._inflight else 0.0
@@ -517,7 +528,6 @@ class ThreadSender:
             self._inflight.append(item)
             if item.visitor is not None:
                 self._busy[item.visitor] += 1
-            self._grow_lanes(limit)
             self._jobs.put((item, timeout))
         return 0.0
 
@@ -541,22 +551,23 @@ class ThreadSender:
         backlog = len(core.pending) + core.queue.qsize()
         if backlog <= core.config.flush_at or self._latency < LANE_LATENCY:
             return 1
-        wanted = math.ceil(self._latency / LANE_LATENCY)
-        return max(1, min(core.config.max_in_flight, wanted))
+        wanted = min(core.config.max_in_flight, math.ceil(self._latency / LANE_LATENCY))
+        if self._no_new_lanes:
+            wanted = min(wanted, len(self._lanes))
+        return max(1, wanted)
 
     def _grow_lanes(self, wanted: int) -> None:
-        while len(self._lanes) < wanted:
+        while len(self._lanes) < wanted and not self._no_new_lanes:
             lane = threading.Thread(
                 target=self._lane, name=f"produl-server.sender-{len(self._lanes) + 1}", daemon=True
             )
             try:
                 lane.start()
             except RuntimeError:
-                # At interpreter exit (3.12+) no thread can start: carry on
-                # with the lanes there are (jobs wait for a free one).
-                if self._lanes:
-                    return
-                raise
+                # At interpreter exit no thread can start: carry on with the
+                # lanes there are, or with the sender alone.
+                self._no_new_lanes = True
+                return
             self._lanes.append(lane)
 
     def _lane(self) -> None:
@@ -589,6 +600,8 @@ class ThreadSender:
             self._settle(item, outcome)
 
     def _settle(self, item: Item, outcome: Outcome) -> None:
+        if self._core.finished:
+            return
         self._inflight.remove(item)
         if self._core.settle(item, outcome):
             # Back in front of everything not yet sent, in queue order.
@@ -822,7 +835,7 @@ class Worker:
             ledger.wait(ledger.accepted, min(0.25, deadline - now))
 
     def spool_count(self) -> int:
-        """Events in the spool now (0 without one)."""
+        """Events in the spool now (0 without one); before shutdown, which closes it."""
         return 0 if self._outbox is None else self._outbox.count()
 
     def _start(self) -> ThreadSender | None:

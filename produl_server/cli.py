@@ -353,11 +353,13 @@ def cmd_drain(args: argparse.Namespace) -> int:
     show = _progress if sys.stderr.isatty() else None
     try:
         client._worker.drain_spool(args.timeout, show)
+        # Rows leave the spool only when delivered: the count stays true
+        # through the shutdown, which hands unsent claims back.
+        left = client._worker.spool_count()
     finally:
         client.shutdown()
         if show is not None:
             sys.stderr.write("\n")
-    left = client._worker.spool_count()
     sent = client.stats.sent
     where = mask_url(client.config.api_url)
     if left:
