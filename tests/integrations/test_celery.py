@@ -20,7 +20,7 @@ N = 100
 HOLD = {"flush_at": 1000, "flush_interval": 600, "max_delay": 600}
 
 
-def run_worker(spawn, collector, redis_url, pool, options, connect=True, **extra):
+def run_worker(spawn, collector, redis_url, pool, options, connect=True, concurrency=2, **extra):
     port = redis_url.rsplit(":", 1)[1].split("/")[0]
     assert redis_command(int(port), "FLUSHALL") == "+OK"
     env = app_env(
@@ -30,7 +30,7 @@ def run_worker(spawn, collector, redis_url, pool, options, connect=True, **extra
         DEMO_CONNECT="1" if connect else "0",
         **extra,
     )
-    concurrency = ["--concurrency", "2"] if pool != "solo" else []
+    processes = ["--concurrency", str(concurrency)] if pool != "solo" else []
     worker = spawn(
         [
             sys.executable,
@@ -41,7 +41,7 @@ def run_worker(spawn, collector, redis_url, pool, options, connect=True, **extra
             "worker",
             "--pool",
             pool,
-            *concurrency,
+            *processes,
             "--loglevel",
             "INFO",
             "--without-heartbeat",
