@@ -45,6 +45,10 @@ __all__ = ["Item", "Stats", "Worker"]
 
 Clock = Callable[[], float]
 
+#: How long a second thread waits for the one finishing (writing the spool,
+#: reporting) before it goes on: the exit may outlast its budget by this much.
+FINISH_WAIT = 2.0
+
 #: How often an idle sender with a spool looks in it for events.
 SPOOL_RECHECK = 30.0
 
@@ -122,6 +126,7 @@ class _Core:
         self.finished = False
         self.lost = 0
         self._finish_lock = threading.Lock()
+        self._finished_event = threading.Event()
         self.last_enqueue = 0.0
         self.first_enqueue = 0.0
 
@@ -264,8 +269,18 @@ class _Core:
         """Close once: count and report what could not be delivered in time."""
         with self._finish_lock:
             if self.finished:
+                # Another thread is finishing (the sender, at the deadline):
+                # let it write the spool and the report before the process
+                # may end, but not for ever.
+                self._finished_event.wait(FINISH_WAIT)
                 return
             self.finished = True
+        try:
+            self._finish(leftovers)
+        finally:
+            self._finished_event.set()
+
+    def _finish(self, leftovers: list[Item]) -> None:
         while True:
             try:
                 leftovers.append(self.queue.get_nowait())
