@@ -44,7 +44,8 @@ def test_a_quota_used_by_another_client_costs_a_few_429s_not_a_storm(retry_after
         mine = [e["pr"]["i"] for e in collector.events if e["n"] == "mine"]
         assert mine == list(range(5))
         refused = [r.status for r in collector.requests].count(429)
-        # The whole pipe pauses on a 429 (Retry-After, or a backoff that doubles):
-        # a few refusals in all, never one per event per attempt.
-        assert 1 <= refused <= 8
+        # A storm, every request retried at once, would be thousands in the
+        # 3 s window at loopback; the whole pipe pauses on each 429 instead
+        # (Retry-After, or a backoff with full jitter that doubles): a few.
+        assert 1 <= refused <= 20
         assert produl.stats.dropped == {}
