@@ -14,10 +14,17 @@ accounting, so every measure talks to one started here with
 
 Commands, one per line on stdin, each answered by one JSON line on stdout:
 ``stats``, ``latency SECONDS``, ``hang``, ``release``, ``reset``, ``quit``.
+
+``python -m bench._collector LIMIT [--mode M] [--port N] [--db FILE]``:
+``LIMIT`` is keyed requests per minute per IP or ``off``; ``--mode`` the
+window's shape (``bucket``, ``fixed``, ``sliding``); ``--port`` a fixed port
+(a collector restarted on it keeps its URL); ``--db`` an SQLite file that
+keeps the stored events across restarts (default: in memory).
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import gzip
 import json
@@ -38,8 +45,10 @@ SERVER_KEY = "sk_bench_local_0000"
 _START_SECONDS = 20.0
 
 
-def _serve(rate_limit: int | None) -> int:
-    from produl_server.collector import CollectorServer, MemoryStore
+def _serve(
+    rate_limit: int | None, mode: str = "bucket", port: int = 0, db: str | None = None
+) -> int:
+    from produl_server.collector import CollectorServer, MemoryStore, SqliteStore
     from produl_server.collector._http import CollectorHandler
 
     statuses: collections.Counter[int] = collections.Counter()
@@ -73,10 +82,12 @@ def _serve(rate_limit: int | None) -> int:
             self._reply(200, {"status": 1})
 
     server = CollectorServer(
-        store=MemoryStore(),
+        store=MemoryStore() if db is None else SqliteStore(db),
         server_key=SERVER_KEY,
+        port=port,
         rate_limit=rate_limit,
         keyless_rate_limit=None,
+        rate_limit_mode=mode,
         record_requests=False,
     )
     server.start()
@@ -127,6 +138,7 @@ def _serve(rate_limit: int | None) -> int:
             reply({"ok": True})
     finally:
         server.stop()
+        server.store.close()
     return 0
 
 
@@ -152,11 +164,26 @@ class CollectorProcess:
     Args:
         rate_limit: Keyed requests per minute per IP; ``None`` for no limit.
         latency: Seconds added before each answer.
+        mode: The rate limit's window shape: ``bucket``, ``fixed`` or ``sliding``.
+        port: A fixed port (so that a restart keeps the URL); 0 picks a free one.
+        db: An SQLite file for the stored events (kept across restarts);
+            ``None`` keeps them in memory.
     """
 
-    def __init__(self, *, rate_limit: int | None = None, latency: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        rate_limit: int | None = None,
+        latency: float = 0.0,
+        mode: str = "bucket",
+        port: int = 0,
+        db: str | None = None,
+    ) -> None:
         self._rate_limit = rate_limit
         self._latency = latency
+        self._mode = mode
+        self._port = port
+        self._db = db
         self._proc: subprocess.Popen[str] | None = None
         self._reader: _proc.LineReader | None = None
         self._lock = threading.Lock()
@@ -169,7 +196,13 @@ class CollectorProcess:
             "-m",
             "bench._collector",
             "off" if self._rate_limit is None else str(self._rate_limit),
+            "--mode",
+            self._mode,
+            "--port",
+            str(self._port),
         ]
+        if self._db is not None:
+            argv += ["--db", self._db]
         self._proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -255,5 +288,16 @@ class CollectorProcess:
             proc.stdout.close()
 
 
+def _main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench._collector")
+    parser.add_argument("limit", help="keyed requests per minute per IP, or off")
+    parser.add_argument("--mode", default="bucket", choices=("bucket", "fixed", "sliding"))
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--db")
+    args = parser.parse_args()
+    limit = None if args.limit == "off" else int(args.limit)
+    return _serve(limit, args.mode, args.port, args.db)
+
+
 if __name__ == "__main__":
-    sys.exit(_serve(None if sys.argv[1] == "off" else int(sys.argv[1])))
+    sys.exit(_main())

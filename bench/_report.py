@@ -56,12 +56,14 @@ class Sizes:
     p6_seconds: float
     p6_repeats: int
     p8_runs: int
+    p9_modes: int
+    """How many of the collector's rate-limit shapes P9 runs (bucket, fixed, sliding)."""
 
 
 SIZES = {
-    "full": Sizes("full", 20_000, 7, 20_000, 5, 15, 10_000, 5, 5_000, 200.0, 20.0, 5.0, 7, 5),
-    "quick": Sizes("quick", 5_000, 5, 5_000, 3, 7, 10_000, 3, 500, 40.0, 10.0, 3.0, 3, 3),
-    "smoke": Sizes("smoke", 300, 2, 200, 2, 2, 300, 2, 30, 8.0, 2.0, 1.0, 2, 1),
+    "full": Sizes("full", 20_000, 7, 20_000, 5, 15, 10_000, 5, 5_000, 200.0, 20.0, 5.0, 7, 5, 3),
+    "quick": Sizes("quick", 5_000, 5, 5_000, 3, 7, 10_000, 3, 500, 40.0, 10.0, 3.0, 3, 3, 3),
+    "smoke": Sizes("smoke", 300, 2, 200, 2, 2, 300, 2, 30, 8.0, 2.0, 1.0, 2, 1, 1),
 }
 
 

@@ -10,18 +10,28 @@ Peers deliver too (to the collector's peer endpoint).
 Floors, same harness: ``queue.Queue.put`` of a prebuilt wire dict, and
 ``json.dumps`` of it plus the put. The "timer" figure is an empty timed
 call: what the measurement itself costs, included in every figure.
+
+``redis_url`` both ways: two more subjects differ only in it. Both pace at
+1,000,000 requests per minute, a quota that never binds but that the sender
+takes from before every request: without ``redis_url`` from the host-wide
+quota file (a ``quota_dir`` of the child's own, as in production), with it
+from the window in a local ``redis-server`` (a round trip per request). The
+caller's figure with ``redis_url`` is judged against the one without.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import queue
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import _guard, _proc, _sdks
+from bench import _guard, _proc, _redis, _sdks
 from bench._collector import CollectorProcess
 from bench._report import Line, Result, Sizes
 from bench._stats import Summary, percentile, ratio
@@ -29,20 +39,38 @@ from bench._stats import Summary, percentile, ratio
 FLOOR_PUT = "floor: put"
 FLOOR_JSON = "floor: json+put"
 TIMER = "timer"
+#: produl paced by the host-wide quota file: the "without redis_url" figure.
+PACED = "produl, host quota"
+#: The same with redis_url: the quota window in Redis.
+REDIS = "produl, redis_url"
+#: A pace that never binds, so the sender takes from the quota per request.
+UNBOUND_RATE = 1_000_000
 
 
-def child(subject: str, url: str, key: str, calls: int, rounds: int) -> dict[str, Any]:
+def child(
+    subject: str, url: str, key: str, calls: int, rounds: int, redis_url: str = ""
+) -> dict[str, Any]:
     """Time *rounds* x *calls* calls of *subject* in this process."""
     _guard.install()
     total = calls * rounds + calls
     visitors = [f"cust_{i:07d}" for i in range(total)]
     client: _sdks.Client | None = None
     track: Callable[[str], None]
-    if subject in _sdks.ALL:
+    scratch = contextlib.ExitStack()
+    if subject in (*_sdks.ALL, PACED, REDIS):
         options: dict[str, Any] = {}
         if subject == _sdks.PRODUL:
             options["max_requests_per_minute"] = None
-        client = _sdks.make(subject, url, key, max_queue_size=total + 1000, **options)
+        elif subject == PACED:
+            options["max_requests_per_minute"] = UNBOUND_RATE
+            options["quota_dir"] = scratch.enter_context(
+                tempfile.TemporaryDirectory(prefix="bench-p1-quota-")
+            )
+        elif subject == REDIS:
+            options["max_requests_per_minute"] = UNBOUND_RATE
+            options["redis_url"] = redis_url
+        kind = _sdks.PRODUL if subject in (PACED, REDIS) else subject
+        client = _sdks.make(kind, url, key, max_queue_size=total + 1000, **options)
         track = client.track
     else:
         sink: queue.Queue[Any] = queue.Queue()
@@ -78,10 +106,15 @@ def child(subject: str, url: str, key: str, calls: int, rounds: int) -> dict[str
             p99s.append(percentile(samples, 0.99))
         gc.collect()
     pending = client.pending() if client is not None else 0
+    quota = None
+    if client is not None and subject in (PACED, REDIS):
+        quota = getattr(client.raw.stats, "quota", None)  # what the client says it uses
+    scratch.close()
     return {
         "medians_ns": medians,
         "p99s_ns": p99s,
         "pending_at_end": pending,
+        "quota": quota,
         "refused": _guard.refused,
     }
 
@@ -91,10 +124,16 @@ def measure(sizes: Sizes, subjects: list[str]) -> dict[str, dict[str, Any]]:
 
     Interleaving spreads any drift in the machine's load over every subject
     alike, instead of charging it to whichever ran at the wrong moment.
+    The ``redis_url`` pair runs only when a ``redis-server`` can be started.
     """
     raw: dict[str, dict[str, Any]] = {}
     order = [TIMER, FLOOR_PUT, FLOOR_JSON, *subjects]
-    with CollectorProcess(rate_limit=None) as collector:
+    with contextlib.ExitStack() as stack:
+        collector = stack.enter_context(CollectorProcess(rate_limit=None))
+        redis_url = ""
+        if REDIS in order:
+            redis = stack.enter_context(_redis.RedisServer())
+            redis_url = redis.url
         for _ in range(sizes.p1_rounds):
             for subject in order:
                 result = _proc.run_child(
@@ -106,12 +145,21 @@ def measure(sizes: Sizes, subjects: list[str]) -> dict[str, dict[str, Any]]:
                         "key": collector.key,
                         "calls": sizes.p1_calls,
                         "rounds": 1,
+                        "redis_url": redis_url,
                     },
                     timeout=120 + sizes.p1_calls / 500,
                 )
                 into = raw.setdefault(
-                    subject, {"medians_ns": [], "p99s_ns": [], "pending_at_end": [], "refused": []}
+                    subject,
+                    {
+                        "medians_ns": [],
+                        "p99s_ns": [],
+                        "pending_at_end": [],
+                        "quota": [],
+                        "refused": [],
+                    },
                 )
+                into["quota"].append(result["quota"])
                 into["medians_ns"] += result["medians_ns"]
                 into["p99s_ns"] += result["p99s_ns"]
                 into["pending_at_end"].append(result["pending_at_end"])
@@ -121,7 +169,11 @@ def measure(sizes: Sizes, subjects: list[str]) -> dict[str, dict[str, Any]]:
 
 def run(sizes: Sizes, peers: list[str]) -> Result:
     """P1 as table rows."""
-    raw = measure(sizes, [_sdks.PRODUL, *peers])
+    no_redis = _redis.missing()
+    pair = [] if no_redis else [PACED, REDIS]
+    if no_redis:
+        print(f"bench: warning: P1 without its redis_url line: {no_redis}", file=sys.stderr)
+    raw = measure(sizes, [_sdks.PRODUL, *peers, *pair])
     med = {s: Summary.of(r["medians_ns"]).scaled(1e-3) for s, r in raw.items()}
     p99 = {s: Summary.of(r["p99s_ns"]).scaled(1e-3) for s, r in raw.items()}
     ours = med[_sdks.PRODUL]
@@ -156,8 +208,9 @@ def run(sizes: Sizes, peers: list[str]) -> Result:
             None,
         ),
     ]
+    lines.append(_redis_line(med, no_redis))
     notes = [
-        (__doc__ or "").split("\n\n", 1)[1].strip(),
+        "\n\n".join((__doc__ or "").split("\n\n")[1:]).strip(),
         f"{sizes.p1_rounds} rounds of {sizes.p1_calls:,} calls per subject, each round in "
         f"a fresh process after a warm-up of as many calls, subjects interleaved round by "
         f"round; each round gives a median and a p99, and the table shows the median of "
@@ -166,4 +219,36 @@ def run(sizes: Sizes, peers: list[str]) -> Result:
     ]
     if not fastest:
         notes.append("No peer was installed, so the peer half of the target is not judged.")
+    if no_redis:
+        notes.append(f"The redis_url line was not measured: {no_redis} ({_redis.INSTALL_HINT}).")
+    else:
+        quotas = {s: sorted({str(q) for q in raw[s]["quota"]}) for s in (PACED, REDIS)}
+        notes.append(
+            f"With and without redis_url, p99 per call: {p99[REDIS].show('µs')} and "
+            f"{p99[PACED].show('µs')}. The clients reported their quota as "
+            f"{', '.join(quotas[REDIS])} with redis_url and {', '.join(quotas[PACED])} "
+            "without (``stats.quota``)."
+        )
     return Result("P1", "caller cost of track_event", lines, notes, raw)
+
+
+REDIS_TARGET = 1.1
+
+
+def _redis_line(med: dict[str, Summary], no_redis: str | None) -> Line:
+    what = "caller cost with redis_url, median per call"
+    target = f"≤ {REDIS_TARGET:g}x without redis_url"
+    if no_redis:
+        return Line("P1", what, f"not measured: {no_redis}", "", "", "", target, None)
+    with_redis, without = med[REDIS], med[PACED]
+    to_without = ratio(with_redis.median, without.median)
+    return Line(
+        "P1",
+        what,
+        with_redis.show("µs"),
+        f"without redis_url {without.show('µs')}",
+        "",
+        f"{to_without:.2f}x without",
+        target,
+        to_without <= REDIS_TARGET,
+    )

@@ -1,6 +1,6 @@
 """Run the suite: ``python -m bench [--quick | --smoke] [--only P1,P2] [--sdk DIR]``.
 
-Prints the summary table and, after a full run of all eight measures, writes
+Prints the summary table and, after a full run of all nine measures, writes
 ``docs/performance.rst``. ``--quick`` and ``--smoke`` are for development
 and tests; they write the page only with an explicit ``--out``.
 Exit status: 0 when the suite ran (whether or not targets were met), 1 when
@@ -26,12 +26,13 @@ import attrs
 from bench import _guard, _proc, _report, _sdks
 from bench._report import Result, Sizes
 
-MEASURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
-# --smoke leaves P7 (FastAPI under uvicorn) and P8 (the exit curve) out on
-# purpose: P7 is P6's method on another server, P8 is P3's script with 1,000
-# events (it takes a minute even when tiny), and tests/test_bench_smoke.py
-# checks P1..P6 only. Run them with --only P7,P8 (or a full or --quick run,
-# which include them).
+MEASURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")
+# --smoke leaves P7 (FastAPI under uvicorn), P8 (the exit curve) and P9 (a
+# fleet behind one IP) out on purpose: P7 is P6's method on another server,
+# P8 is P3's script with 1,000 events (it takes a minute even when tiny), P9
+# runs nine processes for 15 s twice per window shape and needs a
+# redis-server, and tests/test_bench_smoke.py checks P1..P6 only. Run them
+# with --only P7,P8,P9 (or a full or --quick run, which include them).
 SMOKE_MEASURES = MEASURES[:6]
 DEFAULT_PAGE = _proc.ROOT / "docs" / "performance.rst"
 
@@ -46,6 +47,7 @@ def _runners(sizes: Sizes, peers: list[str]) -> dict[str, Callable[[], Result]]:
         p6_app,
         p7_asgi,
         p8_exit_curve,
+        p9_fleet,
     )
 
     return {
@@ -57,6 +59,7 @@ def _runners(sizes: Sizes, peers: list[str]) -> dict[str, Callable[[], Result]]:
         "P6": lambda: p6_app.run(sizes),
         "P7": lambda: p7_asgi.run(sizes),
         "P8": lambda: p8_exit_curve.run(sizes),
+        "P9": lambda: p9_fleet.run(sizes),
     }
 
 
