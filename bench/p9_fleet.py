@@ -44,6 +44,9 @@ MODES = ("bucket", "fixed", "sliding")
 _SAMPLE_SECONDS = 0.25
 _READY_SECONDS = 90.0
 READY = "P9-READY"
+#: The child's client, kept alive until the process ends: a client dropped
+#: sooner would begin closing, and report on stderr what it could not send.
+_alive: list[Any] = []
 WITH, WITHOUT = "with redis_url", "without"
 
 
@@ -58,6 +61,7 @@ def child(url: str, key: str, process: int, events: int) -> dict[str, Any]:
         max_requests_per_minute=QUOTA_PER_MINUTE,
     )
     produl = client.raw
+    _alive.append(produl)
     sys.stdout.write(READY + "\n")
     sys.stdout.flush()
     sys.stdin.readline()  # go
@@ -296,7 +300,7 @@ def run(sizes: Sizes) -> Result:
                 "400 reached after",
                 "retries",
                 "stats.quota",
-                "processes with stderr",
+                "processes that wrote to stderr",
             ),
             rows,
         ),

@@ -107,6 +107,10 @@ def test_figures_are_medians_with_ranges(smoke: dict[str, Any]) -> None:
     body = _table_rows(smoke["stdout"])[1:]
     figure = re.compile(r"[\d.,]+ \([\d.,]+\.\.[\d.,]+\)")
     for row in body:
+        if row[2].startswith("not measured") and not IN_CI:
+            # P1's redis_url line without a redis-server here (required in CI).
+            assert row[7] == "", row
+            continue
         assert figure.search(row[2]), row
 
 
