@@ -145,6 +145,8 @@ class RedisServer:
         """SIGTERM (a clean shutdown that flushes the append-only file), then kill."""
         proc, self._proc = self._proc, None
         if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
             _proc.stop(proc, grace=grace)
 
     def kill(self) -> None:
