@@ -393,6 +393,7 @@ class FleetOutbox:
         self.spool = spool
         self.local = local
         self.directory = link.where
+        self.lease = spool.lease_ms / 1000
 
     def keep(self, items: Iterable[tuple[bytes, str | None]], *, caller: bool = False) -> int:
         """Spool events; return how many were kept.

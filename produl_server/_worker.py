@@ -52,7 +52,8 @@ Clock = Callable[[], float]
 #: reporting) before it goes on: the exit may outlast its budget by this much.
 FINISH_WAIT = 2.0
 
-#: How often an idle sender with a spool looks in it for events.
+#: How often an idle sender with a spool looks in it for events; at least
+#: twice per lease, so that what a dead sender had claimed is soon taken over.
 SPOOL_RECHECK = 30.0
 
 #: Lanes pay off once a request takes this long: on a faster link the
@@ -516,7 +517,8 @@ class ThreadSender:
         items = core.take_spooled()
         # Again at once while the spool has events, else in a while: another
         # process may spool some meanwhile.
-        self._spool_next = now if items else now + SPOOL_RECHECK
+        recheck = min(SPOOL_RECHECK, core.outbox.lease / 2)
+        self._spool_next = now if items else now + recheck
         core.pending.extend(items)
         return bool(items)
 
