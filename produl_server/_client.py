@@ -95,6 +95,18 @@ class Produl:
             queue is full, out of retry time in an outage); the next client
             that opens it delivers them first. Default: ``PRODUL_SPOOL_DIR``,
             else no spool.
+        redis_url: A Redis shared by a fleet behind one IP address
+            (``redis://``, ``rediss://`` or ``unix://``; needs
+            ``produl-server[redis]``). Every client that uses it paces in
+            one fleet-wide window per ``api_url``, and spools in Redis, so
+            any pod delivers what another could not. Only the sender talks
+            to Redis; while it does not answer, the client paces with this
+            host's quota and spools in ``spool_dir`` (or keeps events in
+            memory). Default: ``PRODUL_REDIS_URL``, else none.
+        quota_key: The name of the fleet's quota window in Redis, for
+            clients that leave through one address but send to different
+            API URLs. Default: ``PRODUL_QUOTA_KEY``, else the
+            ``api_url``.
 
     Raises:
         ConfigurationError: No server key, or an invalid option.
@@ -125,6 +137,8 @@ class Produl:
         shared_quota: bool = True,
         quota_dir: str | os.PathLike[str] | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
+        redis_url: str | None = None,
+        quota_key: str | None = None,
     ) -> None:
         self._config = Config.from_env(
             server_key,
@@ -149,6 +163,8 @@ class Produl:
             shared_quota=shared_quota,
             quota_dir=quota_dir,
             spool_dir=spool_dir,
+            redis_url=redis_url,
+            quota_key=quota_key,
         )
         self._worker = Worker(self._config)
         self._enabled = enabled

@@ -23,6 +23,8 @@ KEY_ENV = "PRODUL_SERVER_KEY"
 URL_ENV = "PRODUL_API_URL"
 SPOOL_ENV = "PRODUL_SPOOL_DIR"
 QUOTA_DIR_ENV = "PRODUL_QUOTA_DIR"
+REDIS_ENV = "PRODUL_REDIS_URL"
+QUOTA_KEY_ENV = "PRODUL_QUOTA_KEY"
 
 #: The type of ``on_error``: ``on_error(error, event)``, where *event* is the
 #: wire dict of the dropped event (or the call's arguments, for an invalid one).
@@ -226,6 +228,24 @@ def _check_directory(_inst: Any, attribute: attrs.Attribute[Any], value: Any) ->
         )
 
 
+def _check_redis_url(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ConfigurationError(f"redis_url must be a string, not {type(value).__name__}")
+    if value.partition("://")[0] not in ("redis", "rediss", "unix"):
+        raise ConfigurationError(
+            f"redis_url must be a redis://, rediss:// or unix:// URL, not {mask_url(value)!r}"
+        )
+
+
+def _check_quota_key(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not 1 <= len(value) <= 200:
+        raise ConfigurationError("quota_key must be a string of 1 to 200 characters, or None")
+
+
 def _directory(value: Any) -> Any:
     """Accept a ``pathlib.Path`` (any path-like) as well as a string."""
     return os.fspath(value) if isinstance(value, os.PathLike) else value
@@ -294,6 +314,9 @@ class Config:
         quota_dir: Where the shared quota's file lives; None for the user's
             runtime or temp directory.
         spool_dir: Where to keep what cannot be sent in time, or None.
+        redis_url: The Redis that holds a fleet's quota and spool, or None.
+        quota_key: Names the Redis quota window, for clients that share an
+            address but not an ``api_url``; None: the ``api_url``.
     """
 
     server_key: str = attrs.field(repr=lambda key: repr(mask_key(key)), validator=_check_key)
@@ -324,6 +347,12 @@ class Config:
     spool_dir: str | None = attrs.field(
         default=None, converter=_directory, validator=_check_directory
     )
+    redis_url: str | None = attrs.field(
+        default=None,
+        repr=lambda url: repr(url if url is None else mask_url(url)),
+        validator=_check_redis_url,
+    )
+    quota_key: str | None = attrs.field(default=None, validator=_check_quota_key)
 
     def __attrs_post_init__(self) -> None:
         if self.max_in_flight > 32:
@@ -367,10 +396,14 @@ class Config:
             server_key = environ.get(KEY_ENV, "")
         if api_url is None:
             api_url = environ.get(URL_ENV) or DEFAULT_API_URL
-        if options.get("spool_dir") is None and environ.get(SPOOL_ENV):
-            options["spool_dir"] = environ[SPOOL_ENV]
-        if options.get("quota_dir") is None and environ.get(QUOTA_DIR_ENV):
-            options["quota_dir"] = environ[QUOTA_DIR_ENV]
+        for option, name in (
+            ("spool_dir", SPOOL_ENV),
+            ("quota_dir", QUOTA_DIR_ENV),
+            ("redis_url", REDIS_ENV),
+            ("quota_key", QUOTA_KEY_ENV),
+        ):
+            if options.get(option) is None and environ.get(name):
+                options[option] = environ[name]
         try:
             return cls(server_key=server_key, api_url=api_url, **options)
         except TypeError as exc:

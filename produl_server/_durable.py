@@ -20,6 +20,7 @@ import math
 import os
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from urllib3.util import parse_url
 
@@ -46,6 +47,8 @@ class HostWideQuota:
     Processes compare their request times in the shared file, so they need a
     clock they share: the wall clock, not each process's monotonic one.
     """
+
+    kind = "host"
 
     def __init__(self, host: HostQuota) -> None:
         self.host = host
@@ -91,8 +94,13 @@ class Outbox:
         self.directory = str(spool.directory)
         self._reported: set[str] = set()
 
-    def keep(self, items: Iterable[tuple[bytes, str | None]]) -> int:
-        """Write events to the spool; return how many it took (0 on failure)."""
+    def keep(self, items: Iterable[tuple[bytes, str | None]], *, caller: bool = False) -> int:
+        """Write events to the spool; return how many it took (0 on failure).
+
+        Args:
+            items: (body, visitor id) pairs.
+            caller: Called on a ``track_*`` caller's thread (a full queue).
+        """
         try:
             return self.spool.add(items)
         except SpoolError as exc:
@@ -107,14 +115,14 @@ class Outbox:
             self._report(exc)
             return []
 
-    def done(self, ids: list[int]) -> None:
+    def done(self, ids: list[Any]) -> None:
         """Remove delivered (or refused) events."""
         try:
             self.spool.ack(ids)
         except SpoolError as exc:
             self._report(exc)
 
-    def give_back(self, ids: list[int]) -> None:
+    def give_back(self, ids: list[Any]) -> None:
         """Return claimed events unsent, for whoever comes next."""
         try:
             self.spool.release(ids)
@@ -143,7 +151,13 @@ class Outbox:
             log.error("produl_server: %s", text)
 
 
-def _lease(text: str | None) -> float:
+def lease_from_env() -> float:
+    """The spool lease: ``PRODUL_SPOOL_LEASE`` seconds, else :data:`SPOOL_LEASE`.
+
+    Raises:
+        ConfigurationError: The variable is not a number of seconds in range.
+    """
+    text = os.environ.get(LEASE_ENV)
     if text is None:
         return SPOOL_LEASE
     try:
@@ -166,7 +180,7 @@ def open_outbox(config: Config) -> Outbox | None:
     """
     if config.spool_dir is None:
         return None
-    lease = _lease(os.environ.get(LEASE_ENV))
+    lease = lease_from_env()
     try:
         return Outbox(Spool(config.spool_dir, config.api_url), lease)
     except SpoolError as exc:

@@ -44,6 +44,12 @@ class Stats:
         spooled: Events written to (or left in) the spool for a later
             client to deliver: at the shutdown deadline, when the queue was
             full, or out of retry time in an outage.
+        quota: Where the pacing window is kept: ``memory`` (this process
+            alone), ``host`` (every process of this host) or ``redis`` (a
+            fleet, with ``redis_url``; ``host`` or ``memory`` while Redis
+            does not answer).
+        quota_used: Requests in that window as last seen: fleet-wide with
+            ``redis``, host-wide with ``host``.
     """
 
     queued: int
@@ -52,6 +58,8 @@ class Stats:
     dropped: dict[str, int]
     pending: int
     spooled: int = 0
+    quota: str = "memory"
+    quota_used: int = 0
 
     @property
     def dropped_total(self) -> int:

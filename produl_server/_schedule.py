@@ -58,6 +58,9 @@ class Batching:
 class RollingQuota:
     """At most *limit* requests in any rolling *window* seconds."""
 
+    #: What ``stats.quota`` shows: this process's own window.
+    kind = "memory"
+
     def __init__(self, limit: int | None, window: float = QUOTA_WINDOW) -> None:
         self.limit = limit
         self.window = window
@@ -89,7 +92,11 @@ class RollingQuota:
 
 
 class Quota(Protocol):
-    """What the schedule needs of a quota: this one, or the host's (``_hostquota``)."""
+    """What the schedule needs of a quota: this one, the host's, or a fleet's in Redis."""
+
+    @property
+    def kind(self) -> str:
+        """``memory``, ``host`` or ``redis``: where the window is kept."""
 
     def take(self, now: float) -> float:
         """0 and one request used, or the seconds to wait first."""

@@ -112,9 +112,12 @@ class SpoolError(ProdulError):
 
 
 class SpooledEvent(NamedTuple):
-    """One claimed event: its row id (for ack/release), body and visitor id."""
+    """One claimed event: its id (for ack/release), body and visitor id.
 
-    id: int
+    The id is a row's (an ``int``) here, a Stream entry's (a ``str``) in Redis.
+    """
+
+    id: int | str
     body: bytes
     visitor: str | None
 

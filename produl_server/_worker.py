@@ -31,9 +31,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import attrs
+
 from ._config import MAX_SECONDS, Config, mask_key
 from ._durable import Outbox, make_quota, open_outbox
 from ._ledger import Ledger, Stats
+from ._redis import FleetOutbox, open_fleet
 from ._schedule import Quota, Schedule, Verdict
 from ._transport import Outcome, Transport
 from ._transport import Verdict as Answer
@@ -78,7 +81,7 @@ class Item:
         self.visitor = visitor
         self.seq = seq
         #: Its row in the spool, for an event this sender took from there.
-        self.spool_id: int | None = None
+        self.spool_id: int | str | None = None
         #: When this event's retry time started running (None: it has not).
         self.failing_since: float | None = None
 
@@ -111,7 +114,7 @@ class _Core:
         transport_factory: Callable[[Config], Transport],
         clock: Clock,
         quota: Quota,
-        outbox: Outbox | None,
+        outbox: Outbox | FleetOutbox | None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -192,11 +195,12 @@ class _Core:
         if item.spool_id is not None and self.outbox is not None:
             self.outbox.done([item.spool_id])
 
-    def spool(self, items: list[Item]) -> list[Item]:
+    def spool(self, items: list[Item], *, caller: bool = False) -> list[Item]:
         """Keep events in the spool instead of dropping them; return those kept.
 
         Events taken from the spool go back to it; others are written. Each
         one kept is counted ``spooled``; the rest are left to the caller.
+        *caller*: on a ``track_*`` caller's thread (never Redis there).
         """
         outbox = self.outbox
         if outbox is None or not items:
@@ -205,7 +209,10 @@ class _Core:
         fresh = [item for item in items if item.spool_id is None]
         if taken:
             outbox.give_back([item.spool_id for item in taken if item.spool_id is not None])
-        kept = taken + fresh[: outbox.keep((item.body, item.visitor) for item in fresh)]
+        kept = (
+            taken
+            + fresh[: outbox.keep(((item.body, item.visitor) for item in fresh), caller=caller)]
+        )
         for item in kept:
             self.ledger.finish(item.seq, spooled=True)
         return kept
@@ -645,11 +652,19 @@ class Worker:
         self._config = config
         self._make_transport = transport_factory
         self._clock = clock
-        self._quota = make_quota(config)
-        self._outbox = open_outbox(config)
+        self._quota: Quota = make_quota(config)
+        self._outbox: Outbox | FleetOutbox | None = open_outbox(config)
+        if config.redis_url is not None:
+            self._quota, self._outbox = open_fleet(config, self._quota, self._outbox)
         self._reset()
-        if self._outbox is not None and config.enabled and self._outbox.count():
-            # Events spooled by an earlier run: deliver them now, first.
+        # Events spooled by an earlier run: deliver them now, first. Only the
+        # sender asks Redis whether there are any.
+        outbox = self._outbox
+        if (
+            outbox is not None
+            and config.enabled
+            and (isinstance(outbox, FleetOutbox) or outbox.count())
+        ):
             self._start()
 
     def _reset(self) -> None:
@@ -720,7 +735,7 @@ class Worker:
     def _overflow(self, item: Item) -> None:
         """The queue is full: spool the event, or drop it and say so."""
         core = self._core
-        if core.spool([item]):
+        if core.spool([item], caller=True):
             self._warn_full(
                 "produl_server: the queue is full (%d events); new events are spooled",
                 self._config.max_queue_size,
@@ -823,7 +838,12 @@ class Worker:
 
     def stats(self) -> Stats:
         """A snapshot of the counters."""
-        return self._core.ledger.stats()
+        quota = self._core.schedule.quota
+        return attrs.evolve(
+            self._core.ledger.stats(),
+            quota=getattr(quota, "in_use", quota.kind),
+            quota_used=quota.used,
+        )
 
     def drain_spool(self, timeout: float, progress: Callable[[int], object] | None = None) -> int:
         """Deliver the spool's events until it is empty or *timeout*; return what is left.

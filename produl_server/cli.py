@@ -339,11 +339,14 @@ def cmd_drain(args: argparse.Namespace) -> int:
     from produl_server import Produl  # noqa: PLC0415 -- the client is only needed here
     from produl_server.exceptions import ConfigurationError  # noqa: PLC0415
 
+    if args.spool is None and args.redis is None:
+        raise _UsageError("drain needs --spool DIR, --redis URL, or both")
     try:
         client = Produl(
             server_key=args.server_key,
             api_url=args.api_url,
             spool_dir=args.spool,
+            redis_url=args.redis,
             max_requests_per_minute=args.rate_limit,
             max_retry_time=args.timeout,
             shutdown_timeout=min(5.0, args.timeout),
@@ -363,7 +366,12 @@ def cmd_drain(args: argparse.Namespace) -> int:
     sent = client.stats.sent
     where = mask_url(client.config.api_url)
     if left:
-        raise CommandError(f"{left} event(s) still spooled in {args.spool} after {sent} sent")
+        where = " and ".join(
+            str(place)
+            for place in (args.spool, args.redis and f"Redis at {mask_url(args.redis)}")
+            if place
+        )
+        raise CommandError(f"{left} event(s) still spooled in {where} after {sent} sent")
     _out(f"delivered {sent} spooled event(s) to {where}; the spool is empty")
     return OK
 
@@ -463,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--timeout", type=_seconds, default=10.0, help="seconds to keep trying (default 10)"
         )
 
-    dr = sub.add_parser("drain", help="deliver the events kept in a spool directory")
-    dr.add_argument("--spool", required=True, metavar="DIR", help="the client's spool_dir")
+    dr = sub.add_parser("drain", help="deliver the events kept in a spool directory or Redis")
+    dr.add_argument("--spool", metavar="DIR", help="the clients' spool_dir")
+    dr.add_argument("--redis", metavar="URL", help="the clients' redis_url")
     dr.add_argument("--server-key", help="default: $PRODUL_SERVER_KEY")
     dr.add_argument("--api-url", help="default: $PRODUL_API_URL or Produl's API")
     dr.add_argument(
