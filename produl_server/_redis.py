@@ -121,10 +121,16 @@ class RedisLink:
 
     Args:
         url: ``redis://``, ``rediss://`` or ``unix://``.
+        meanwhile: What the warning says is done while Redis is down.
         clock: A monotonic clock.
     """
 
-    def __init__(self, url: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        url: str,
+        meanwhile: str = "pacing with this host's quota and spooling locally",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         module = _import_redis()
         from redis.backoff import NoBackoff  # noqa: PLC0415
         from redis.retry import Retry  # noqa: PLC0415
@@ -143,6 +149,7 @@ class RedisLink:
             raise ConfigurationError(f"redis_url {mask_url(url)} is not usable: {exc}") from None
         self._errors: tuple[type[BaseException], ...] = (module.RedisError, OSError)
         self._clock = clock
+        self._meanwhile = meanwhile
         self._lock = threading.Lock()
         #: When to try Redis again; None while it answers.
         self._retry_at: float | None = None
@@ -179,10 +186,10 @@ class RedisLink:
             self._retry_at = self._clock() + RETRY_EVERY
         if first:
             log.warning(
-                "produl_server: %s does not answer (%s); pacing with this host's quota "
-                "and spooling locally until it does (tried again every %g s)",
+                "produl_server: %s does not answer (%s); %s until it does (tried again every %g s)",
                 self.where,
                 _reason(exc),
+                self._meanwhile,
                 RETRY_EVERY,
             )
 
@@ -386,6 +393,7 @@ class FleetOutbox:
         self.spool = spool
         self.local = local
         self.directory = link.where
+        self.lease = spool.lease_ms / 1000
 
     def keep(self, items: Iterable[tuple[bytes, str | None]], *, caller: bool = False) -> int:
         """Spool events; return how many were kept.
@@ -475,3 +483,49 @@ def open_fleet(config: Config, quota: Quota, local: Outbox | None) -> tuple[Quot
     if limit is not None and config.shared_quota:
         quota = FleetQuota(link, limit, quota_key(config.api_url, config.quota_key), quota)
     return quota, FleetOutbox(link, spool, local)
+
+
+#: Quota windows the collector's live page lists at most.
+MAX_WINDOWS = 100
+
+
+class FleetView:
+    """What the local collector's live page shows of a fleet's windows in Redis.
+
+    Args:
+        url: The Redis the fleet's clients use as ``redis_url``.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.link = RedisLink(url, "the live page shows no fleet quota")
+
+    def read(self) -> dict[str, Any]:
+        """``{"redis": URL, "windows": [{"key", "used"}], "error": None or text}``.
+
+        ``used`` counts the requests of the last quota window, fleet-wide.
+        """
+        found: dict[str, Any] = {"redis": self.link.where, "windows": [], "error": None}
+        try:
+            found["windows"] = self.link.call(self._windows)
+        except RedisDownError:
+            found["error"] = "Redis does not answer"
+        return found
+
+    def _windows(self, client: redis.Redis) -> list[dict[str, Any]]:
+        keys = []
+        for key in client.scan_iter(match="produl:*:quota", count=100):
+            keys.append(_text(key))
+            if len(keys) >= MAX_WINDOWS:
+                break
+        seconds, micros = client.time()
+        horizon = int(seconds) * 1000 + int(micros) // 1000 - int(QUOTA_WINDOW * 1000)
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.zcount(key, f"({horizon}", "+inf")
+        counts = pipe.execute() if keys else []
+        return [
+            {"key": key, "used": int(used)} for key, used in sorted(zip(keys, counts, strict=True))
+        ]
+
+    def close(self) -> None:
+        self.link.close()

@@ -52,7 +52,8 @@ Clock = Callable[[], float]
 #: reporting) before it goes on: the exit may outlast its budget by this much.
 FINISH_WAIT = 2.0
 
-#: How often an idle sender with a spool looks in it for events.
+#: How often an idle sender with a spool looks in it for events; at least
+#: twice per lease, so that what a dead sender had claimed is soon taken over.
 SPOOL_RECHECK = 30.0
 
 #: Lanes pay off once a request takes this long: on a faster link the
@@ -272,8 +273,14 @@ class _Core:
 
     # -- the end -----------------------------------------------------------
 
-    def finish(self, leftovers: list[Item]) -> None:
-        """Close once: count and report what could not be delivered in time."""
+    def finish(self, leftovers: list[Item], in_flight: frozenset[int] = frozenset()) -> None:
+        """Close once: count and report what could not be delivered in time.
+
+        Args:
+            leftovers: The events still in the sender's hands.
+            in_flight: The numbers of those that had a request under way:
+                they may have arrived, and the report says so.
+        """
         with self._finish_lock:
             if self.finished:
                 # Another thread is finishing (the sender, at the deadline):
@@ -283,11 +290,11 @@ class _Core:
                 return
             self.finished = True
         try:
-            self._finish(leftovers)
+            self._finish(leftovers, in_flight)
         finally:
             self._finished_event.set()
 
-    def _finish(self, leftovers: list[Item]) -> None:
+    def _finish(self, leftovers: list[Item], in_flight: frozenset[int]) -> None:
         while True:
             try:
                 leftovers.append(self.queue.get_nowait())
@@ -304,11 +311,15 @@ class _Core:
             )
         self.lost = left = self.ledger.abandon("shutdown")
         if left:
+            unsure = sum(1 for i in leftovers if i.seq in in_flight and i.seq not in kept)
             log.warning(
                 "produl_server: %d event(s) not delivered before the shutdown deadline; "
-                "they are lost. Call flush() before the process ends, or set spool_dir "
+                "they are lost%s. Call flush() before the process ends, or set spool_dir "
                 "(PRODUL_SPOOL_DIR) to keep them for the next run",
                 left,
+                f" ({unsure} of them had a request under way, and may have arrived)"
+                if unsure
+                else "",
             )
             error = DeliveryError("shutdown", "not delivered before the shutdown deadline")
             for item in sorted(leftovers, key=lambda item: item.seq):
@@ -413,16 +424,17 @@ class ThreadSender:
         """End the lanes and the delivery, reporting what is left (any thread)."""
         for _lane in list(self._lanes):
             self._jobs.put(None)
-        self._core.finish(self.leftovers())
+        pending, in_flight = self.leftovers()
+        self._core.finish(pending + in_flight, frozenset(item.seq for item in in_flight))
 
-    def leftovers(self) -> list[Item]:
-        """What is still in our hands (read from another thread at the deadline)."""
+    def leftovers(self) -> tuple[list[Item], list[Item]]:
+        """What is still in our hands, waiting and in flight (read from any thread)."""
         for _attempt in range(10):
             try:
-                return list(self._core.pending) + list(self._inflight)
+                return list(self._core.pending), list(self._inflight)
             except RuntimeError:  # pragma: no cover - mutated while copied; try again
                 continue
-        return []  # pragma: no cover
+        return [], []  # pragma: no cover
 
     def _run(self) -> None:
         while True:
@@ -505,7 +517,8 @@ class ThreadSender:
         items = core.take_spooled()
         # Again at once while the spool has events, else in a while: another
         # process may spool some meanwhile.
-        self._spool_next = now if items else now + SPOOL_RECHECK
+        recheck = min(SPOOL_RECHECK, core.outbox.lease / 2)
+        self._spool_next = now if items else now + recheck
         core.pending.extend(items)
         return bool(items)
 

@@ -41,6 +41,7 @@ from produl_server.collector import (
     describe_stored,
     terminal_json,
 )
+from produl_server.exceptions import ConfigurationError
 
 __all__ = ["main"]
 
@@ -112,6 +113,32 @@ def _port(text: str) -> int:
 # -- collector ------------------------------------------------------------------
 
 
+def _collector_server(args: argparse.Namespace, store: SqliteStore, key: str) -> CollectorServer:
+    """The server ``collector`` runs, printing each event it stores."""
+    lock = threading.Lock()
+
+    def show(stored: StoredEvent) -> None:
+        with lock:
+            _out(describe_stored(stored))
+
+    try:
+        return CollectorServer(
+            store=store,
+            server_key=key,
+            host=args.host,
+            port=args.port,
+            rate_limit=args.rate_limit,
+            keyless_rate_limit=args.keyless_rate_limit,
+            rate_limit_mode=args.rate_limit_mode,
+            send_retry_after=args.send_retry_after,
+            allowed_hosts=args.allow_host,
+            on_event=show,
+            redis_url=args.redis,
+        )
+    except ConfigurationError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def cmd_collector(args: argparse.Namespace) -> int:
     """Run a collector until Ctrl-C or SIGTERM.
 
@@ -127,29 +154,15 @@ def cmd_collector(args: argparse.Namespace) -> int:
     generated = not args.server_key
     key = args.server_key or "sk_local_" + secrets.token_hex(16)
     store = SqliteStore(args.db)
-    lock = threading.Lock()
-
-    def show(stored: StoredEvent) -> None:
-        with lock:
-            _out(describe_stored(stored))
-
-    server = CollectorServer(
-        store=store,
-        server_key=key,
-        host=args.host,
-        port=args.port,
-        rate_limit=args.rate_limit,
-        keyless_rate_limit=args.keyless_rate_limit,
-        rate_limit_mode=args.rate_limit_mode,
-        send_retry_after=args.send_retry_after,
-        allowed_hosts=args.allow_host,
-        on_event=show,
-    )
-    # SIGTERM (docker stop, systemd) ends it as cleanly as Ctrl-C.
+    server = _collector_server(args, store, key)
+    # SIGTERM (docker stop, systemd) ends it as cleanly as Ctrl-C; so does
+    # SIGINT when the collector was started in a shell script's background,
+    # which starts it with SIGINT ignored.
     in_main = threading.current_thread() is threading.main_thread()
     if in_main:
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        for sig in handlers:
+            signal.signal(sig, signal.default_int_handler)
     try:
         try:
             server.start()
@@ -269,7 +282,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             into exit status 1 and a one-line reason).
     """
     from produl_server import Produl  # noqa: PLC0415 -- the client is only needed here
-    from produl_server.exceptions import ConfigurationError, InvalidEventError  # noqa: PLC0415
+    from produl_server.exceptions import InvalidEventError  # noqa: PLC0415
 
     props = _parse_props(args) if args.command == "event" else None
     errors: list[BaseException] = []
@@ -337,7 +350,6 @@ def cmd_drain(args: argparse.Namespace) -> int:
             status 1 and a one-line reason).
     """
     from produl_server import Produl  # noqa: PLC0415 -- the client is only needed here
-    from produl_server.exceptions import ConfigurationError  # noqa: PLC0415
 
     if args.spool is None and args.redis is None:
         raise _UsageError("drain needs --spool DIR, --redis URL, or both")
@@ -435,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="send_retry_after",
         action="store_false",
         help="answer 429 without Retry-After (Produl does not promise it)",
+    )
+    col.add_argument(
+        "--redis",
+        metavar="URL",
+        help="show a fleet's quota windows in this Redis on the live page (the clients' redis_url)",
     )
     col.add_argument(
         "--allow-host",

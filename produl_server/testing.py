@@ -69,6 +69,8 @@ class LocalCollector:
             that must cope without.
         db_path: An SQLite file to store events in (kept across restarts);
             ``None`` keeps them in memory.
+        redis_url: A Redis whose fleet quota windows ``/api/pace`` and the
+            live page show (the clients' ``redis_url``).
 
     Raises:
         ValueError: For an unknown ``rate_limit_mode`` or a window that is
@@ -87,6 +89,7 @@ class LocalCollector:
         rate_limit_window: float = 60.0,
         send_retry_after: bool = True,
         db_path: str | os.PathLike[str] | None = None,
+        redis_url: str | None = None,
     ) -> None:
         self.db_path = os.fspath(db_path) if db_path is not None else None
         self._server = CollectorServer(
@@ -100,6 +103,7 @@ class LocalCollector:
             rate_limit_window=rate_limit_window,
             send_retry_after=send_retry_after,
             record_requests=True,
+            redis_url=redis_url,
         )
         self._store_open = self.db_path is None
 

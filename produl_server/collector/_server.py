@@ -14,6 +14,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
+from produl_server._redis import FleetView
 from produl_server.collector._access import HostCheck
 from produl_server.collector._faults import Faults
 from produl_server.collector._http import CollectorHandler
@@ -115,6 +116,8 @@ class CollectorServer:
             loopback names and the bound address (e.g. a container's name).
         record_requests: Remember every request (for tests; grows without bound).
         on_event: Called with each stored event, on the connection's thread.
+        redis_url: A Redis whose fleet quota windows (``redis_url`` of the
+            clients) ``/api/pace`` and the live page show; needs ``redis``.
 
     Raises:
         ValueError: When ``server_key`` or ``access_token`` is empty, or a
@@ -137,6 +140,7 @@ class CollectorServer:
         allowed_hosts: Iterable[str] = (),
         record_requests: bool = False,
         on_event: Callable[[StoredEvent], None] | None = None,
+        redis_url: str | None = None,
     ) -> None:
         if not server_key:
             raise ValueError("the collector needs a server key")
@@ -166,6 +170,8 @@ class CollectorServer:
         self.faults = Faults()
         #: Answered collection requests and ``429``\ s per second (``/api/pace``).
         self.pace = PaceHistory()
+        #: A fleet's quota windows in Redis, shown on the live page.
+        self.fleet = None if redis_url is None else FleetView(redis_url)
         #: Notified whenever an event is stored or a request recorded.
         self.changed = threading.Condition()
         self.stopping = threading.Event()
@@ -349,6 +355,7 @@ class CollectorServer:
             "now": now,
             "quota_per_minute": int(quota) if quota is not None and quota.is_integer() else quota,
             "seconds": [second.as_json() for second in seconds],
+            "fleet": None if self.fleet is None else self.fleet.read(),
         }
 
     def reset_limits(self) -> None:

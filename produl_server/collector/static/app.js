@@ -237,6 +237,14 @@ function paceQuota(pace, scale) {
   ];
 }
 
+function fleetSummary(fleet) {
+  // Started with --redis: the fleet's quota windows, as the clients share them.
+  if (fleet.error) return `Fleet quota (${fleet.redis}): ${fleet.error}.`;
+  if (!fleet.windows.length) return `Fleet quota (${fleet.redis}): no window in use.`;
+  const windows = fleet.windows.map((w) => `${plural(w.used, "request")} in ${w.key}`);
+  return `Fleet quota (${fleet.redis}), last 61 s: ${windows.join("; ")}.`;
+}
+
 function renderPace(pace) {
   const summary = paceSummary(pace);
   const chart = $("pace-chart");
@@ -246,6 +254,9 @@ function renderPace(pace) {
   chart.replaceChildren(title, ...paceAxes(pace, scale), ...bars, ...paceQuota(pace, scale));
   chart.setAttribute("aria-label", summary);
   $("pace-summary").textContent = summary;
+  const fleet = $("pace-fleet");
+  fleet.hidden = !pace.fleet;
+  if (pace.fleet) fleet.textContent = fleetSummary(pace.fleet);
   $("pace-window").textContent = plural(pace.window / 60, "minute");
 }
 
