@@ -21,14 +21,13 @@ import sys
 import time
 from typing import Any
 
-from bench import _proc
+from bench import _overhead, _proc
 from bench._collector import CollectorProcess
+from bench._overhead import PLAIN, TRACKED
 from bench._report import Line, Result, Sizes
 from bench._stats import Summary, ratio
 from bench.p6_app import CONNECTIONS, _cpu_seconds, _free_port, _get_json, _load
 
-PLAIN = "untracked"
-TRACKED = "tracked"
 _WARMUP_SECONDS = 1.0
 #: The most CPU per request tracking may add: 3 %.
 TARGET = 1.03
@@ -107,8 +106,9 @@ def measure(sizes: Sizes) -> dict[str, Any]:
     """Alternate fresh untracked and tracked servers under the same load (P6's sizes)."""
     runs: dict[str, list[dict[str, Any]]] = {PLAIN: [], TRACKED: []}
     with CollectorProcess(rate_limit=2000) as collector:
-        for _ in range(sizes.p6_repeats):
-            for variant, done in runs.items():
+        for repeat in range(sizes.p6_repeats):
+            for variant in _overhead.order(repeat):
+                done = runs[variant]
                 done.append(_one(variant == TRACKED, collector, sizes.p6_seconds))
     return {"runs": runs, "client": "wrk" if shutil.which("wrk") else "bench/_load.py"}
 
@@ -118,18 +118,9 @@ def run(sizes: Sizes) -> Result:
     raw = measure(sizes)
     runs = raw["runs"]
     rps = {v: Summary.of([r["rps"] for r in rs]) for v, rs in runs.items()}
-    cpu = {
-        v: Summary.of([r["cpu_s"] * 1e6 / max(r["rps"] * r["seconds"], 1) for r in rs])
-        for v, rs in runs.items()
-    }
-    paired = Summary.of(
-        [
-            (t["cpu_s"] / max(t["rps"], 1e-9)) / max(p["cpu_s"] / max(p["rps"], 1e-9), 1e-12)
-            for t, p in zip(runs[TRACKED], runs[PLAIN], strict=True)
-        ]
-    )
-    dropped = sum(r["stats"].get("dropped", 0) for r in runs[TRACKED])
-    errors = sum(r["errors"] + r["timeouts"] for rs in runs.values() for r in rs)
+    cpu = {variant: _overhead.cpu_per_request(rs) for variant, rs in runs.items()}
+    paired = _overhead.paired_cpu_ratio(runs)
+    dropped, errors = _overhead.clean(runs)
     lines = [
         Line(
             "P7",

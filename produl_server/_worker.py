@@ -312,14 +312,20 @@ class _Core:
         self.lost = left = self.ledger.abandon("shutdown")
         if left:
             unsure = sum(1 for i in leftovers if i.seq in in_flight and i.seq not in kept)
+            remedy = (
+                "Call flush() before the process ends, or set spool_dir (PRODUL_SPOOL_DIR) "
+                "to keep them for the next run"
+                if self.outbox is None
+                else f"The spool ({self.outbox.directory}) could not take them"
+            )
             log.warning(
                 "produl_server: %d event(s) not delivered before the shutdown deadline; "
-                "they are lost%s. Call flush() before the process ends, or set spool_dir "
-                "(PRODUL_SPOOL_DIR) to keep them for the next run",
+                "they are lost%s. %s",
                 left,
                 f" ({unsure} of them had a request under way, and may have arrived)"
                 if unsure
                 else "",
+                remedy,
             )
             error = DeliveryError("shutdown", "not delivered before the shutdown deadline")
             for item in sorted(leftovers, key=lambda item: item.seq):

@@ -23,6 +23,7 @@ pytest_plugins = ["produl_server.pytest_plugin"]
 
 
 import pytest  # noqa: E402
+from support import RedisServer, require_tool  # noqa: E402
 
 from produl_server import Produl  # noqa: E402
 from produl_server.testing import LocalCollector  # noqa: E402
@@ -81,3 +82,21 @@ def _make_client(produl_collector):
     yield make
     for client in made:
         client.shutdown(timeout=2.0)
+
+
+@pytest.fixture(name="redis_server")
+def _redis_server(tmp_path_factory):
+    """A redis-server of this test's own on a free loopback port, up; killed at the end.
+
+    Skipped without ``redis-server`` or the ``redis`` package (the
+    ``produl-server[redis]`` extra), except in CI, where both must exist.
+    """
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        require_tool(False, "the redis package (pip install 'produl-server[redis]')")
+    server = RedisServer(tmp_path_factory.mktemp("redis") / "redis.log")
+    try:
+        yield server.start()
+    finally:
+        server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -171,3 +172,42 @@ def test_a_spool_directory_that_cannot_be_used_is_one_clear_error(tmp_path):
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert collector.server_key not in result.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX rlimits")
+def test_a_full_disk_at_exit_is_one_clear_error_and_the_events_are_counted(tmp_path):
+    # The spool opens fine; then files may not grow (RLIMIT_FSIZE: writes
+    # past the limit fail with EFBIG, as a full disk fails with ENOSPC).
+    # At the exit deadline the 500 undelivered events cannot be written.
+    spool = tmp_path / "spool"
+    with LocalCollector() as collector:
+        env = env_for(collector, PRODUL_API_URL=f"http://127.0.0.1:{closed_port()}")
+    result = run_script(
+        f"""
+        import os, resource
+        from produl_server import Produl
+        produl = Produl(spool_dir={str(spool)!r}, shutdown_timeout=1,
+                        retry_initial_delay=0.05, retry_max_delay=0.2)
+        biggest = max(entry.stat().st_size for entry in os.scandir({str(spool)!r}))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (biggest + 4096, biggest + 4096))
+        for i in range(500):
+            produl.track_event("e", {{"i": i, "pad": "x" * 200}}, visitor_id=f"v{{i % 50}}")
+        """,
+        env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    spool_errors = [line for line in lines if "spool" in line.lower() and "lost" not in line]
+    assert len(spool_errors) == 1, result.stderr
+    assert (
+        "500 event(s) not delivered before the shutdown deadline; they are lost. "
+        f"The spool ({spool}) could not take them"
+    ) in result.stderr
+    assert collector.server_key not in result.stderr
+
+
+def closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -13,33 +13,27 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import requests
 
+# Shared with the fast tier (tests/support.py); re-exported for the slow tier's modules.
+from support import free_port, redis_command, require_tool, wait_until
+
+__all__ = [
+    "APPS",
+    "Proc",
+    "app_env",
+    "free_port",
+    "redis_command",
+    "require_tool",
+    "serve_gunicorn",
+    "serve_uvicorn",
+    "wait_http",
+    "wait_until",
+]
+
 APPS = Path(__file__).resolve().parent / "apps"
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> object:
-    """Poll *condition* until it is truthy; fail after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def app_env(collector, **extra: str) -> dict[str, str]:
@@ -117,25 +111,6 @@ def wait_http(proc: Proc, url: str, timeout: float = 60.0) -> None:
             return False
 
     wait_until(ready, timeout, f"{url} to answer")
-
-
-def require_tool(found: bool, what: str) -> None:
-    """Skip when a host tool is missing, but only outside CI, where it must exist."""
-    if not found:
-        if os.environ.get("CI"):
-            pytest.fail(f"{what} is required in CI")
-        pytest.skip(f"{what} is not installed")
-
-
-def redis_command(port: int, *words: str) -> str:
-    """Send one inline command to redis; return the first reply line ('' if refused)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall((" ".join(words) + "\r\n").encode())
-            with sock.makefile("rb") as reply:
-                return reply.readline().decode().strip()
-    except OSError:
-        return ""
 
 
 def serve_gunicorn(spawn, env: dict[str, str], app: str, *options: str, name: str):

@@ -1,0 +1,44 @@
+"""What P6 and P7 share: an app's CPU per request and requests/s, tracked against untracked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench._stats import Summary
+
+PLAIN = "untracked"
+TRACKED = "tracked"
+
+
+def order(repeat: int) -> tuple[str, str]:
+    """Which variant runs first in this repeat: each in turn, so drift favours neither."""
+    return (PLAIN, TRACKED) if repeat % 2 == 0 else (TRACKED, PLAIN)
+
+
+def cpu_per_request(runs: list[dict[str, Any]]) -> Summary:
+    """The server's CPU time per answered request, in µs."""
+    return Summary.of([r["cpu_s"] * 1e6 / max(r["rps"] * r["seconds"], 1) for r in runs])
+
+
+def paired_cpu_ratio(runs: dict[str, list[dict[str, Any]]]) -> Summary:
+    """Tracked / untracked CPU per request, repeat by repeat."""
+    return Summary.of(
+        [
+            (t["cpu_s"] / max(t["rps"], 1e-9)) / max(p["cpu_s"] / max(p["rps"], 1e-9), 1e-12)
+            for t, p in zip(runs[TRACKED], runs[PLAIN], strict=True)
+        ]
+    )
+
+
+def paired_rps_ratio(runs: dict[str, list[dict[str, Any]]]) -> Summary:
+    """Tracked / untracked requests per second, repeat by repeat."""
+    return Summary.of(
+        [t["rps"] / p["rps"] for t, p in zip(runs[TRACKED], runs[PLAIN], strict=True)]
+    )
+
+
+def clean(runs: dict[str, list[dict[str, Any]]]) -> tuple[int, float]:
+    """Events dropped in the tracked runs, and failed requests in all runs."""
+    dropped = sum(r["stats"].get("dropped", 0) for r in runs[TRACKED])
+    errors = sum(r["errors"] + r["timeouts"] for rs in runs.values() for r in rs)
+    return dropped, errors
