@@ -47,7 +47,7 @@ class Stats:
         quota: Where the pacing window is kept: ``memory`` (this process
             alone), ``host`` (every process of this host) or ``redis`` (a
             fleet, with ``redis_url``; ``host`` or ``memory`` while Redis
-            does not answer).
+            does not answer, as of the sender's last call to it).
         quota_used: Requests in that window as last seen: fleet-wide with
             ``redis``, host-wide with ``host``.
     """

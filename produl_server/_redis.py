@@ -160,6 +160,11 @@ class RedisLink:
         retry_at = self._retry_at
         return retry_at is None or self._clock() >= retry_at
 
+    @property
+    def answered_last(self) -> bool:
+        """Whether the last call to Redis, by anyone, was answered."""
+        return self._retry_at is None
+
     def call(self, action: Callable[[redis.Redis], T]) -> T:
         """Run *action* with the client.
 
@@ -222,8 +227,15 @@ class FleetQuota:
         self._window_ms = int(QUOTA_WINDOW * 1000)
         self._script = link.client.register_script(_TAKE)
         self._used = 0
-        #: "redis", or the fallback's kind while Redis is down.
-        self.in_use = "redis"
+
+    @property
+    def in_use(self) -> str:
+        """``redis``, or the fallback's kind while Redis does not answer.
+
+        As of the client's last call to Redis (a request's slot, a look in
+        the spool), not of this very moment.
+        """
+        return "redis" if self.link.answered_last else self.fallback.kind
 
     def take(self, now: float) -> float:
         try:
@@ -233,16 +245,14 @@ class FleetQuota:
                 )
             )
         except RedisDownError:
-            self.in_use = getattr(self.fallback, "kind", "memory")
             return self.fallback.take(now)
-        self.in_use = "redis"
         self._used = int(used)
         return int(wait_ms) / 1000.0
 
     @property
     def used(self) -> int:
         """Requests in the fleet's window as last seen (the fallback's while Redis is down)."""
-        return self._used if self.in_use == "redis" else self.fallback.used
+        return self._used if self.link.answered_last else self.fallback.used
 
     def after_fork_in_child(self) -> None:
         # redis-py's pool opens new connections in a child by itself.
