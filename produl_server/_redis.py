@@ -467,8 +467,9 @@ class FleetOutbox:
 
     def close(self) -> None:
         """Leave the group if nothing is held, and close the connections."""
-        with contextlib.suppress(RedisDownError):
-            self.link.call(self.spool.retire)
+        if self.link.answered_last:  # never wait on a Redis known to be down
+            with contextlib.suppress(RedisDownError):
+                self.link.call(self.spool.retire)
         self.link.close()
         if self.local is not None:
             self.local.close()
