@@ -5,7 +5,8 @@
 calls ``track_event`` once, its path, URL and visitor filled in from the
 request context. uvicorn runs one process (the event loop in its main
 thread); the load client and the way each repeat runs are P6's: fresh
-servers, untracked first, a second of warm-up, then the measurement, the
+servers, each variant first in turn, a second of warm-up, then the
+measurement (62 s in a full run: one whole quota window, see P6), the
 figures paired repeat by repeat.
 
 The figure judged is the CPU time the uvicorn process spent per request
@@ -144,11 +145,13 @@ def run(sizes: Sizes) -> Result:
         ),
     ]
     queued = Summary.of([r["stats"].get("queued", 0) for r in runs[TRACKED]]).median
+    sent = Summary.of([r["stats"].get("sent", 0) for r in runs[TRACKED]]).median
     notes = [
         (__doc__ or "").split("\n\n", 1)[1].strip(),
         f"Load client: {raw['client']}, {CONNECTIONS} connections; {sizes.p6_repeats} "
         f"repeats of {sizes.p6_seconds:g} s per variant. Events queued per tracked run "
-        f"(median): {queued:,.0f}; dropped in all tracked runs: {dropped}; failed "
+        f"(median): {queued:,.0f}, of which sent by the end: {sent:,.0f}; dropped in all "
+        f"tracked runs: {dropped}; failed "
         f"requests in all runs: {errors:.0f}.",
     ]
     return Result("P7", "overhead on a FastAPI app under uvicorn", lines, notes, raw)
