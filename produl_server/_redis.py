@@ -19,8 +19,8 @@ With ``redis_url`` both live in Redis instead:
   at least once; duplicates are bounded by what a dead sender had claimed.
 
 Only the sender thread (and the exit path) talks to Redis, never a
-``track_*`` call: with a full queue, the caller writes to ``spool_dir`` if
-there is one, as without Redis. Every Redis call has a short timeout
+``track_*`` call: the events a full queue refuses wait in a second bounded
+line (``_Core.overflow``) for the sender to spool them. Every Redis call has a short timeout
 (:data:`TIMEOUT`) and no retry. When a call fails, the client logs one
 warning, falls back to the host's quota and the local spool (or memory),
 and tries Redis again every :data:`RETRY_EVERY` seconds; an exit never waits

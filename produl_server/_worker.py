@@ -124,6 +124,10 @@ class _Core:
         self.schedule = Schedule(config, quota=quota)
         self.outbox = outbox
         self.pending: collections.deque[Item] = collections.deque()
+        #: Refused by a full queue, for the sender to spool in Redis (the
+        #: caller never talks to Redis); at most ``max_queue_size``.
+        self.overflow: collections.deque[Item] = collections.deque()
+        self._warn_unspilled = _Throttled(60.0, clock)
         self.transport: Transport | None = None
         self._make_transport = transport_factory
         self._key_reported = False
@@ -218,6 +222,25 @@ class _Core:
             self.ledger.finish(item.seq, spooled=True)
         return kept
 
+    def spill(self) -> None:
+        """Spool what a full queue refused (sender thread); drop what the spool cannot take."""
+        items = []
+        while self.overflow:
+            items.append(self.overflow.popleft())
+        kept = {item.seq for item in self.spool(items)}
+        lost = [item for item in items if item.seq not in kept]
+        if not lost:
+            return
+        for item in lost:
+            self.ledger.finish(item.seq, "queue_full")
+        self._warn_unspilled(
+            "produl_server: %d event(s) refused by the full queue could not be spooled; dropped",
+            len(lost),
+        )
+        error = DeliveryError("queue_full", "the queue is full")
+        for item in lost:
+            self.call_hook(error, item)
+
     def take_spooled(self) -> list[Item]:
         """Claim a few spooled events, as items of this client."""
         if self.outbox is None:
@@ -295,6 +318,8 @@ class _Core:
             self._finished_event.set()
 
     def _finish(self, leftovers: list[Item], in_flight: frozenset[int]) -> None:
+        while self.overflow:
+            leftovers.append(self.overflow.popleft())
         while True:
             try:
                 leftovers.append(self.queue.get_nowait())
@@ -461,6 +486,8 @@ class ThreadSender:
         if core.finished:  # finished from another thread at the deadline
             return True
         self._settle_done()
+        if core.overflow:
+            core.spill()
         now = core.clock()
         deadline = self.deadline
         if deadline is not None:
@@ -754,6 +781,21 @@ class Worker:
     def _overflow(self, item: Item) -> None:
         """The queue is full: spool the event, or drop it and say so."""
         core = self._core
+        sender = self._sender
+        if (
+            isinstance(core.outbox, FleetOutbox)
+            and sender is not None
+            and len(core.overflow) < self._config.max_queue_size
+        ):
+            # For Redis, through the sender: this thread never talks to it.
+            core.overflow.append(item)
+            if len(core.overflow) == 1:
+                sender.wake.set()
+            self._warn_full(
+                "produl_server: the queue is full (%d events); new events are spooled",
+                self._config.max_queue_size,
+            )
+            return
         if core.spool([item], caller=True):
             self._warn_full(
                 "produl_server: the queue is full (%d events); new events are spooled",

@@ -374,3 +374,29 @@ def test_a_slow_redis_costs_the_sender_at_most_the_timeout(tmp_path):
         assert time.monotonic() - started < TIMEOUT  # not tried again meanwhile
         assert first >= TIMEOUT * 0.9
         assert quota.in_use == "memory"
+
+
+def test_a_full_queue_spools_in_redis_through_the_sender(redis_server):
+    import redis
+
+    # The collector is down: the sender holds a few events in backoff, the
+    # queue holds 5, and the rest are refused at the door. Without a
+    # spool_dir they go to Redis, by the sender, not dropped (up to as many
+    # again as the queue holds, waiting for the sender).
+    url = f"http://127.0.0.1:{free_port()}"
+    produl = Produl(
+        "sk_test_0000",
+        api_url=url,
+        redis_url=redis_server.url,
+        max_queue_size=5,
+        shutdown_timeout=1,
+        max_requests_per_minute=None,
+    )
+    for i in range(10):  # 5 queued, 5 refused (more if the sender took some)
+        produl.track_event("e", {"i": i}, visitor_id="v")
+    produl.shutdown()
+    stats = produl.stats
+    assert (stats.queued, stats.spooled, stats.dropped, stats.pending) == (10, 10, {}, 0)
+    client = redis.Redis.from_url(redis_server.url)
+    bodies = [fields[b"b"] for _id, fields in client.xrange(spool_key(url))]
+    assert sorted(json.loads(body)["pr"]["i"] for body in bodies) == list(range(10))
