@@ -6,6 +6,8 @@ import json
 import threading
 import time
 
+import pytest
+
 from produl_server import Config
 from produl_server._transport import Outcome, Verdict
 from produl_server._worker import Worker
@@ -47,13 +49,26 @@ class ScriptedTransport:
         pass
 
 
+_made: list[Worker] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_workers():
+    """Close every worker a test made: its sender thread must not outlive it."""
+    yield
+    while _made:
+        _made.pop().close(5)
+
+
 def worker(transport, **options):
     options.setdefault("server_key", "sk_test_key_0000")
     options.setdefault("api_url", "http://127.0.0.1:9")
     options.setdefault("max_requests_per_minute", None)
     options.setdefault("retry_initial_delay", 0.01)
     options.setdefault("retry_max_delay", 0.02)
-    return Worker(Config(**options), transport_factory=transport)
+    made = Worker(Config(**options), transport_factory=transport)
+    _made.append(made)
+    return made
 
 
 def put(w, visitor, i):
