@@ -67,6 +67,13 @@ def start(code, env, *args, stdout=subprocess.PIPE):
     )
 
 
+def reap(proc):
+    """Kill it if it still runs, and close its pipes (whatever happened before)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
 def finish(proc, timeout=60):
     """Close stdin, wait for the exit; return (stdout, stderr), failing on a non-zero status."""
     try:
@@ -164,9 +171,7 @@ def run_fleet(tmp_path, collector, redis_url, budget):
         outputs = [finish(proc, timeout=budget + 60) for proc in procs]
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+            reap(proc)
     return took, outputs
 
 
@@ -237,9 +242,7 @@ def spool_in_redis(tmp_path, name, api_url, redis_server, count, budget=1.0, **e
         _, err = finish(proc)
         took = time.monotonic() - exiting
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        reap(proc)
     # The exit spends its budget on the outage, and no more because of Redis
     # (FINISH_WAIT, 2 s, is what a finishing exit may add to it; then room).
     assert took < budget + 5.0, (took, err)
@@ -264,9 +267,7 @@ def test_the_spool_survives_its_pod(tmp_path, redis_server):
             say(proc, "done")
             out, _ = finish(proc)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+            reap(proc)
         seen = indices(collector)
         assert sorted(seen.elements()) == [-1, *range(300)]
     assert stats_of(out)[-1]["sent"] == 301
@@ -361,9 +362,7 @@ def test_a_running_client_takes_over_a_dead_senders_claims_after_the_lease(tmp_p
             say(proc, "done")
             finish(proc)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+            reap(proc)
         seen = indices(collector)
         assert set(seen) == {-1, *range(300)}
         # Only the spooled events count, not the senders' own "hello" (-1).
@@ -461,9 +460,7 @@ def test_redis_down_falls_back_warns_once_and_comes_back(tmp_path, redis_server,
         finally:
             if hang is not None:
                 hang.close()
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+            reap(proc)
         assert back["quota"] == "redis", (back, err)
         assert back["used"] >= 1
         assert back["sent"] == count + back["probes"]

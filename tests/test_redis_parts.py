@@ -51,8 +51,28 @@ def closed_url() -> str:
     return f"redis://127.0.0.1:{free_port()}/0"
 
 
+_opened: list = []
+
+
+@pytest.fixture(autouse=True)
+def _close_what_tests_open():
+    """Close every outbox and link a test opened (SQLite files, sockets)."""
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
+def opened(thing):
+    _opened.append(thing)
+    return thing
+
+
 def fleet_outbox(url, api=API, lease=60.0, local=None):
-    return FleetOutbox(RedisLink(url), RedisSpool(api, lease), local)
+    return opened(FleetOutbox(RedisLink(url), RedisSpool(api, lease), local))
+
+
+def local_outbox(directory):
+    return opened(Outbox(Spool(directory, API)))
 
 
 def redis_records(caplog):
@@ -209,7 +229,7 @@ def test_a_closing_sender_leaves_the_group_only_when_it_holds_nothing(redis_serv
 
 
 def test_redis_down_spools_locally_and_routes_acknowledgements(tmp_path, caplog):
-    local = Outbox(Spool(tmp_path / "spool", API))
+    local = local_outbox(tmp_path / "spool")
     outbox = fleet_outbox(closed_url(), local=local)
     assert outbox.keep([(b"kept", "v")]) == 1
     assert outbox.directory == str(tmp_path / "spool")
@@ -236,7 +256,7 @@ def test_redis_down_without_a_local_spool_keeps_nothing(caplog):
 
 
 def test_a_full_queue_never_reaches_redis_on_the_callers_thread(redis_server, tmp_path):
-    local = Outbox(Spool(tmp_path / "spool", API))
+    local = local_outbox(tmp_path / "spool")
     outbox = fleet_outbox(redis_server.url, local=local)
     assert outbox.keep([(b"door", None)], caller=True) == 1
     assert local.count() == 1

@@ -32,6 +32,9 @@ _STOP_JOIN_SECONDS = 5.0
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's default backlog is 5: a fleet of clients opening their
+    # lanes at once overflowed it, and the kernel dropped connections.
+    request_queue_size = 128
 
     def __init__(self, collector: CollectorServer, address: tuple[str, int]) -> None:
         if ":" in address[0]:
