@@ -217,8 +217,6 @@ class FleetQuota:
         fallback: The quota to pace with while Redis is down.
     """
 
-    kind = "redis"
-
     def __init__(self, link: RedisLink, limit: int, key: str, fallback: Quota) -> None:
         self.link = link
         self.limit = limit
@@ -229,7 +227,7 @@ class FleetQuota:
         self._used = 0
 
     @property
-    def in_use(self) -> str:
+    def kind(self) -> str:
         """``redis``, or the fallback's kind while Redis does not answer.
 
         As of the client's last call to Redis (a request's slot, a look in

@@ -900,11 +900,7 @@ class Worker:
     def stats(self) -> Stats:
         """A snapshot of the counters."""
         quota = self._core.schedule.quota
-        return attrs.evolve(
-            self._core.ledger.stats(),
-            quota=getattr(quota, "in_use", quota.kind),
-            quota_used=quota.used,
-        )
+        return attrs.evolve(self._core.ledger.stats(), quota=quota.kind, quota_used=quota.used)
 
     def drain_spool(self, timeout: float, progress: Callable[[int], object] | None = None) -> int:
         """Deliver the spool's events until it is empty or *timeout*; return what is left.

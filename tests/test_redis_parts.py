@@ -93,7 +93,7 @@ def test_two_clients_share_one_window(redis_server):
     # The oldest slot leaves the 61 s window in a little under 61 s.
     assert 55.0 < wait <= 61.0
     assert first.used == 5
-    assert first.in_use == "redis"
+    assert first.kind == "redis"
 
 
 def test_quota_key_names_a_window_shared_across_api_urls(redis_server):
@@ -123,7 +123,7 @@ def test_redis_down_paces_with_the_fallback_warns_once_and_comes_back(tmp_path, 
     quota = FleetQuota(link, 3, quota_key(API), RollingQuota(3))
     try:
         assert [quota.take(0.0) for _ in range(3)] == [0.0] * 3
-        assert quota.in_use == "memory"
+        assert quota.kind == "memory"
         assert quota.take(0.0) > 0  # the fallback's own window is full
         assert quota.used == 3
         warnings = [r for r in redis_records(caplog) if r.levelno == logging.WARNING]
@@ -134,10 +134,10 @@ def test_redis_down_paces_with_the_fallback_warns_once_and_comes_back(tmp_path, 
         server.start()
         clock.now += RETRY_EVERY / 2
         quota.take(0.0)
-        assert quota.in_use == "memory"
+        assert quota.kind == "memory"
         clock.now += RETRY_EVERY
         assert quota.take(0.0) == 0.0
-        assert quota.in_use == "redis"
+        assert quota.kind == "redis"
         assert quota.used == 1
         back = [r for r in redis_records(caplog) if r.levelno == logging.INFO]
         assert len(back) == 1
@@ -393,7 +393,7 @@ def test_a_slow_redis_costs_the_sender_at_most_the_timeout(tmp_path):
             quota.take(0.0)
         assert time.monotonic() - started < TIMEOUT  # not tried again meanwhile
         assert first >= TIMEOUT * 0.9
-        assert quota.in_use == "memory"
+        assert quota.kind == "memory"
 
 
 def test_a_full_queue_spools_in_redis_through_the_sender(redis_server):
