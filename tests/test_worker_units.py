@@ -137,3 +137,25 @@ def test_a_shutdown_deadline_counts_what_is_left_exactly_once():
     assert stats.pending == 0
     assert stats.queued == stats.sent + stats.dropped_total == 50
     assert stats.dropped["shutdown"] == 50 - stats.sent
+
+
+def test_the_loss_line_counts_the_requests_under_way_at_the_deadline(caplog):
+    gate = threading.Event()
+
+    class Held(ScriptedTransport):
+        def send(self, body, timeout=None):
+            gate.wait(30)  # under way until the test lets it go
+            return super().send(body, timeout)
+
+    w = worker(Held(), flush_interval=600)
+    for i in range(3):
+        put(w, "v", i)  # one visitor: one request under way, two waiting
+    assert w.flush(timeout=0.05) is False
+    try:
+        w.close(0.2)
+    finally:
+        gate.set()
+    lines = [r.getMessage() for r in caplog.records if "shutdown deadline" in r.getMessage()]
+    assert len(lines) == 1
+    assert "3 event(s) not delivered before the shutdown deadline; they are lost" in lines[0]
+    assert "(1 of them had a request under way, and may have arrived)" in lines[0]
