@@ -18,8 +18,12 @@ import logging
 import math
 import os
 import platform
+import socket
+import ssl
+import threading
 import time
 import types
+import warnings
 from typing import Any
 
 import attrs
@@ -27,14 +31,12 @@ import urllib3
 from urllib3.util import parse_url
 
 from ._config import Config, is_loopback, mask_url, proxy_credentials
+from ._http import MAX_ANSWER, Answer, DirectPool
 from ._protocol import COLLECT_PATH, KEY_HEADER
 from ._version import __version__
 
 log = logging.getLogger("produl_server")
 
-#: The most bytes of an answer's body that are read; the rest is discarded
-#: with the connection.
-MAX_ANSWER = 64 * 1024
 #: The most characters of a server-provided message that are shown.
 MAX_MESSAGE = 200
 _CHUNK = 8 * 1024
@@ -128,23 +130,153 @@ class Transport:
     def __init__(self, config: Config) -> None:
         url = parse_url(config.api_url)
         self._path = (url.path or "").rstrip("/") + COLLECT_PATH
-        self._headers = {
+        headers = {
             KEY_HEADER: config.server_key,
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
         }
         self._timeout = config.request_timeout
-        # Built once: a Timeout per request costs more than our own code does.
-        self._default_timeout = urllib3.Timeout(connect=self._timeout, read=self._timeout)
         self._display = f"{url.scheme}://{url.netloc}{self._path}"
         base = f"{url.scheme}://{url.netloc}"
-        self._target = self._path
         proxy = config.proxy
         if proxy is None and not is_loopback(url.host or ""):
             # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as requests reads them; a
             # collector on this machine is never reached through a proxy.
             proxy = _requests_utils().get_environ_proxies(base).get(url.scheme or "https")
         tls = _tls_options(config, url.scheme)
+        self._direct: DirectPool | None = None
+        self._head = b""
+        if not proxy:
+            lines = [f"POST {self._path} HTTP/1.1", f"Host: {url.netloc}"]
+            lines += [f"{name}: {value}" for name, value in headers.items()]
+            try:
+                self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("ascii")
+            except UnicodeEncodeError:
+                pass  # an internationalised host or path: urllib3 encodes those
+            else:
+                port = url.port or (443 if url.scheme == "https" else 80)
+                wrap = _TlsContext(tls, url.host or "").wrap if url.scheme == "https" else None
+                self._direct = DirectPool(
+                    (url.host or "").strip("[]"), port, wrap, config.max_in_flight
+                )
+        self._proxied = (
+            None if self._direct is not None else _Urllib3Route(config, base, proxy, headers, tls)
+        )
+
+    def __repr__(self) -> str:
+        return f"<Transport {self._display}>"
+
+    def send(self, body: bytes, timeout: float | None = None) -> Outcome:
+        """POST one event and classify the answer; never raises for network trouble.
+
+        Args:
+            body: The encoded event.
+            timeout: Seconds for the whole request; the configured
+                ``request_timeout`` when ``None``.
+        """
+        budget = self._timeout if timeout is None else max(min(timeout, self._timeout), 0.001)
+        started = time.perf_counter()
+        deadline = time.monotonic() + budget
+        try:
+            if self._direct is not None:
+                answer = self._direct.post(self._head + b"%d\r\n\r\n" % len(body) + body, deadline)
+            else:
+                answer = self._proxied.post(body, budget, deadline)  # type: ignore[union-attr]
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            detail = f"{type(exc).__name__}: {_describe(exc)}"
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("POST %s failed after %.1f ms: %s", self._display, _ms(started), detail)
+            return Outcome(Verdict.RETRY, None, None, "network", detail)
+        outcome = classify(answer.status, answer.body, answer.retry_after)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "POST %s -> %d in %.1f ms (%s)",
+                self._display,
+                answer.status,
+                _ms(started),
+                outcome.verdict.value,
+            )
+        return outcome
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        if self._direct is not None:
+            self._direct.close()
+        else:
+            self._proxied.close()  # type: ignore[union-attr]
+
+    def abandon(self) -> None:
+        """Forget the connections inherited over ``fork()`` without taking any lock.
+
+        The parent's sender may have held the pool's lock at fork time, so the
+        child must not call :meth:`close`; it closes its copies of the sockets
+        (the parent's stay open) and starts afresh.
+        """
+        if self._direct is not None:
+            self._direct.abandon()
+        else:
+            self._proxied.abandon()  # type: ignore[union-attr]
+
+
+class _TlsContext:
+    """The client's TLS settings, made into an :class:`ssl.SSLContext` on first use.
+
+    Loading a CA bundle takes milliseconds and can fail (a missing file): it
+    happens on the sender thread, at the first connection, and a failure is
+    a failed attempt like any network error.
+    """
+
+    def __init__(self, options: dict[str, Any], host: str) -> None:
+        self._options = options
+        self._host = host
+        self._context: ssl.SSLContext | None = None
+        self._lock = threading.Lock()
+
+    def wrap(self, sock: socket.socket, server_hostname: str) -> socket.socket:
+        """Start TLS on *sock*, verified as the options say."""
+        with self._lock:
+            if self._context is None:
+                self._context = _ssl_context(self._options)
+        if self._context.verify_mode == ssl.CERT_NONE:
+            warnings.warn(
+                f"produl_server: TLS to {self._host} is not verified (verify=False); "
+                "anyone on the path can read the server key",
+                urllib3.exceptions.InsecureRequestWarning,
+                stacklevel=2,
+            )
+        return self._context.wrap_socket(sock, server_hostname=server_hostname)
+
+
+def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext:
+    if options.get("cert_reqs") == "CERT_NONE":
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(
+            cafile=options.get("ca_certs"), capath=options.get("ca_cert_dir")
+        )
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class _Urllib3Route:
+    """Requests through a proxy (or to a host that needs IDNA): urllib3's pool."""
+
+    def __init__(
+        self,
+        config: Config,
+        base: str,
+        proxy: str | None,
+        headers: dict[str, str],
+        tls: dict[str, Any],
+    ) -> None:
+        url = parse_url(config.api_url)
+        self._headers = dict(headers)
+        self._target = (url.path or "").rstrip("/") + COLLECT_PATH
+        self._timeout = config.request_timeout
+        # Built once: a Timeout per request costs more than our own code does.
+        self._default_timeout = urllib3.Timeout(connect=self._timeout, read=self._timeout)
         manager: urllib3.PoolManager
         if proxy:
             proxy_headers = _proxy_headers(proxy)
@@ -158,71 +290,36 @@ class Transport:
             if url.scheme == "http":
                 # Plain http through a proxy: the request line carries the
                 # absolute URL, and the proxy's credentials ride on it.
-                self._target = base + self._path
+                self._target = base + self._target
                 self._headers.update(proxy_headers or {})
         else:
             manager = urllib3.PoolManager(num_pools=1, maxsize=config.max_in_flight, **tls)
         self._manager = manager
         self._pool = manager.connection_from_url(base)
 
-    def __repr__(self) -> str:
-        return f"<Transport {self._display}>"
-
-    def send(self, body: bytes, timeout: float | None = None) -> Outcome:
-        """POST one event and classify the answer; never raises for network trouble.
-
-        Args:
-            body: The encoded event.
-            timeout: Seconds for connect and for read; the configured
-                ``request_timeout`` when ``None``.
-        """
-        budget = self._timeout if timeout is None else max(min(timeout, self._timeout), 0.001)
+    def post(self, body: bytes, budget: float, deadline: float) -> Answer:
         if budget >= self._timeout:
             limit = self._default_timeout
         else:
             limit = urllib3.Timeout(connect=budget, read=budget)
-        started = time.perf_counter()
-        deadline = time.monotonic() + budget
-        try:
-            response = self._pool.urlopen(
-                "POST",
-                self._target,
-                body=body,
-                headers=self._headers,
-                retries=False,
-                redirect=False,
-                timeout=limit,
-                assert_same_host=False,
-                preload_content=False,
-            )
-            data = _read_bounded(response, deadline)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            detail = f"{type(exc).__name__}: {_describe(exc)}"
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("POST %s failed after %.1f ms: %s", self._display, _ms(started), detail)
-            return Outcome(Verdict.RETRY, None, None, "network", detail)
-        outcome = classify(response.status, data, response.headers.get("Retry-After"))
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "POST %s -> %d in %.1f ms (%s)",
-                self._display,
-                response.status,
-                _ms(started),
-                outcome.verdict.value,
-            )
-        return outcome
+        response = self._pool.urlopen(
+            "POST",
+            self._target,
+            body=body,
+            headers=self._headers,
+            retries=False,
+            redirect=False,
+            timeout=limit,
+            assert_same_host=False,
+            preload_content=False,
+        )
+        data = _read_bounded(response, deadline)
+        return Answer(response.status, response.headers.get("Retry-After"), data)
 
     def close(self) -> None:
-        """Close every pooled connection."""
         self._manager.clear()
 
     def abandon(self) -> None:
-        """Forget the connections inherited over ``fork()`` without taking any lock.
-
-        The parent's sender may have held the pool's lock at fork time, so the
-        child must not call :meth:`close`; it closes its copies of the sockets
-        (the parent's stay open) and starts afresh.
-        """
         idle = getattr(self._pool.pool, "queue", None) or []
         for connection in list(idle):
             if connection is not None:

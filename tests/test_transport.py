@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 
+import attrs
 import pytest
 
 from produl_server._config import Config
-from produl_server._transport import Transport, Verdict, classify
+from produl_server._transport import Transport, Verdict, _tls_options, classify
 
 
 def test_plain_http_through_a_proxy_uses_absolute_form_and_proxy_credentials(
@@ -46,13 +47,15 @@ def test_environment_proxies_apply_to_remote_hosts_but_never_to_loopback(
     ("verify", "cert_reqs", "ca_certs"),
     [(False, "CERT_NONE", None), ("/etc/ssl/my-ca.pem", "CERT_REQUIRED", "/etc/ssl/my-ca.pem")],
 )
-def test_tls_settings_reach_the_connection_pool(verify, cert_reqs, ca_certs):
+def test_tls_settings_reach_both_routes(verify, cert_reqs, ca_certs):
     config = Config.from_env("sk_test_key_1234", "https://collector.example.net", verify=verify)
-    transport = Transport(config)
-    pool = transport._pool
-    assert pool.cert_reqs == cert_reqs
-    assert pool.ca_certs == ca_certs
-    transport.close()
+    options = _tls_options(config, "https")
+    assert (options["cert_reqs"], options.get("ca_certs")) == (cert_reqs, ca_certs)
+    # Through a proxy, urllib3's pool gets the same settings.
+    proxied = Transport(attrs.evolve(config, proxy="http://127.0.0.1:9"))
+    pool = proxied._proxied._pool
+    assert (pool.cert_reqs, pool.ca_certs) == (cert_reqs, ca_certs)
+    proxied.close()
 
 
 def test_default_tls_trust_is_the_bundle_requests_uses(monkeypatch):
@@ -60,13 +63,11 @@ def test_default_tls_trust_is_the_bundle_requests_uses(monkeypatch):
 
     monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
-    transport = Transport(Config.from_env("sk_test_key_1234", "https://c.example.net"))
-    assert transport._pool.ca_certs == requests.utils.DEFAULT_CA_BUNDLE_PATH
+    config = Config.from_env("sk_test_key_1234", "https://c.example.net")
+    assert _tls_options(config, "https")["ca_certs"] == requests.utils.DEFAULT_CA_BUNDLE_PATH
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/corp/ca.pem")
-    transport2 = Transport(Config.from_env("sk_test_key_1234", "https://c.example.net"))
-    assert transport2._pool.ca_certs == "/corp/ca.pem"
-    transport.close()
-    transport2.close()
+    assert _tls_options(config, "https")["ca_certs"] == "/corp/ca.pem"
+    assert _tls_options(config, "http") == {}
 
 
 @pytest.mark.parametrize(
@@ -110,7 +111,6 @@ def test_proxy_credentials_are_percent_decoded(produl_collector, make_client):
 
 def test_a_ca_directory_is_passed_as_one(tmp_path, monkeypatch):
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path))
-    transport = Transport(Config.from_env("sk_test_key_1234", "https://c.example.net"))
-    assert transport._pool.ca_cert_dir == str(tmp_path)
-    assert transport._pool.ca_certs is None
-    transport.close()
+    options = _tls_options(Config.from_env("sk_test_key_1234", "https://c.example.net"), "https")
+    assert options["ca_cert_dir"] == str(tmp_path)
+    assert "ca_certs" not in options
