@@ -42,6 +42,8 @@ MAX_ANSWER = 64 * 1024
 MAX_HEAD = 64 * 1024
 _RECV = 64 * 1024
 _NO_BODY = frozenset({204, 304})
+_HEAD_TOO_LONG = f"the answer's headers are over {MAX_HEAD} bytes"
+_BAD_CHUNK_END = "a chunk of the answer does not end where its size says"
 
 
 class AnswerError(OSError):
@@ -94,18 +96,22 @@ class _Reader:
         self.pos = 0
         return True
 
-    def line(self, limit: int) -> bytes | None:
-        """One line without its end; None at the end of the stream; AnswerError past *limit*."""
+    def line(self, limit: int, too_long: str) -> bytes | None:
+        """One line without its end; None at the end of the stream.
+
+        Raises:
+            AnswerError: With the message *too_long*, for a line over *limit* bytes.
+        """
         while True:
             end = self.buf.find(b"\n", self.pos)
             if end >= 0:
                 if end - self.pos > limit:
-                    raise AnswerError(f"a line of the answer is over {limit} bytes")
+                    raise AnswerError(too_long)
                 text = self.buf[self.pos : end]
                 self.pos = end + 1
                 return text[:-1] if text.endswith(b"\r") else text
             if len(self.buf) - self.pos > limit:
-                raise AnswerError(f"a line of the answer is over {limit} bytes")
+                raise AnswerError(too_long)
             if not self._fill():
                 return None
 
@@ -130,7 +136,7 @@ def _head(reader: _Reader) -> tuple[bytes, int, dict[bytes, bytes]]:
     """The version, status and headers (names lower-cased) of the final answer."""
     budget = MAX_HEAD
     while True:  # 1xx answers are interim: skip them
-        status_line = reader.line(budget)
+        status_line = reader.line(budget, _HEAD_TOO_LONG)
         if status_line is None:
             if reader.got:
                 raise AnswerError("the connection closed in the middle of the answer's headers")
@@ -161,8 +167,8 @@ def _fields(reader: _Reader, budget: int) -> tuple[dict[bytes, bytes], int]:
     fields: dict[bytes, bytes] = {}
     while True:
         if budget <= 0:
-            raise AnswerError(f"the answer's headers are over {MAX_HEAD} bytes")
-        line = reader.line(budget)
+            raise AnswerError(_HEAD_TOO_LONG)
+        line = reader.line(budget, _HEAD_TOO_LONG)
         if line is None:
             raise AnswerError("the connection closed in the middle of the answer's headers")
         budget -= len(line) + 2
@@ -201,7 +207,7 @@ def _chunked(reader: _Reader) -> tuple[bytes, bool]:
     parts: list[bytes] = []
     kept = 0
     while True:
-        line = reader.line(1024)
+        line = reader.line(1024, "a chunk-size line of the answer is over 1024 bytes")
         if line is None:
             return b"".join(parts), False
         text = line.split(b";", 1)[0].strip()
@@ -215,11 +221,11 @@ def _chunked(reader: _Reader) -> tuple[bytes, bool]:
         kept += len(part)
         if len(part) < size:  # over the limit, or the stream ended
             return b"".join(parts), False
-        if reader.line(2) != b"":
-            raise AnswerError("a chunk of the answer does not end where its size says")
+        if reader.line(2, _BAD_CHUNK_END) != b"":
+            raise AnswerError(_BAD_CHUNK_END)
     budget = MAX_HEAD
     while True:  # trailers, up to the blank line
-        line = reader.line(budget)
+        line = reader.line(budget, f"the answer's trailers are over {MAX_HEAD} bytes")
         if line is None:
             return b"".join(parts), False
         if not line:

@@ -1,0 +1,333 @@
+"""The direct route's HTTP/1.1, against raw-socket servers on 127.0.0.1.
+
+Each server answers with exactly the bytes a test writes, so the answers a
+real server rarely gives (interim 1xx, chunked bodies with trailers, a close
+between two requests, headers that never end) are exercised for real, on
+real sockets, through :class:`Transport`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import pytest
+from support import wait_until
+
+from produl_server._config import Config
+from produl_server._http import MAX_ANSWER, MAX_HEAD
+from produl_server._transport import Transport, Verdict
+
+KEY = "sk_test_key_0000"
+BODY = b'{"t":"ev","n":"e","vi":"v"}'
+
+
+class RawServer:
+    """Reads each request on each connection and lets *answer* write the reply.
+
+    ``answer(conn, number)`` gets the request's number on its connection
+    (0, 1, ...) and returns True to keep the connection for another request.
+    """
+
+    def __init__(self, answer):
+        self._answer = answer
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.connections = 0
+        self.closed = 0
+        self.requests: list[bytes] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _read_request(self, conn, data):
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None, b""
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        while len(rest) < length:
+            rest += conn.recv(65536)
+        return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+    def _handle(self, conn):
+        try:
+            self._exchange(conn)
+        finally:
+            conn.close()
+            self.closed += 1
+
+    def _exchange(self, conn):
+        with contextlib.suppress(OSError):
+            conn.settimeout(10)
+            pending = b""
+            number = 0
+            while not self._stop.is_set():
+                request, pending = self._read_request(conn, pending)
+                if request is None:
+                    return
+                self.requests.append(request)
+                if not self._answer(conn, number):
+                    return
+                number += 1
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+        for thread in self._threads:
+            thread.join(5)
+
+
+@pytest.fixture(name="serve")
+def _serve():
+    made: list[tuple[RawServer, list[Transport]]] = []
+
+    def make(answer, **options):
+        server = RawServer(answer)
+        options.setdefault("request_timeout", 5)
+        transport = Transport(Config.from_env(KEY, server.url, **options))
+        made.append((server, [transport]))
+        return server, transport
+
+    yield make
+    for server, transports in made:
+        for transport in transports:
+            transport.close()
+        server.close()
+
+
+def reply(*parts: bytes, keep: bool = True):
+    """An answer that writes *parts* (each its own send) and keeps the connection or not."""
+
+    def answer(conn, number):
+        for part in parts:
+            conn.sendall(part)
+        return keep
+
+    return answer
+
+
+NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+def test_requests_carry_the_wire_headers_and_reuse_one_connection(serve):
+    server, transport = serve(reply(NO_CONTENT))
+    for _ in range(3):
+        assert transport.send(BODY).verdict is Verdict.DELIVERED
+    assert server.connections == 1
+    head, _, body = server.requests[0].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /api/collect HTTP/1.1"
+    headers = dict(line.split(b": ", 1) for line in lines[1:])
+    assert headers[b"Host"] == server.url.removeprefix("http://").encode()
+    assert headers[b"X-Produl-Server-Key"] == KEY.encode()
+    assert headers[b"Content-Type"] == b"application/json"
+    assert headers[b"Content-Length"] == str(len(BODY)).encode()
+    assert body == BODY
+
+
+def test_interim_1xx_answers_are_skipped(serve):
+    server, transport = serve(reply(b"HTTP/1.1 100 Continue\r\n\r\n", NO_CONTENT))
+    assert transport.send(BODY).verdict is Verdict.DELIVERED
+    assert transport.send(BODY).verdict is Verdict.DELIVERED
+    assert server.connections == 1
+
+
+def test_a_chunked_error_body_with_a_trailer_is_read_whole(serve):
+    message = json.dumps({"message": "n is too long.", "field": "n"}).encode()
+    first, second = message[:10], message[10:]
+    server, transport = serve(
+        reply(
+            b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"%x;ext=1\r\n%s\r\n" % (len(first), first),
+            b"%X\r\n%s\r\n0\r\nX-Trailer: yes\r\n\r\n" % (len(second), second),
+        )
+    )
+    outcome = transport.send(BODY)
+    assert (outcome.verdict, outcome.detail) == (
+        Verdict.DROP,
+        "HTTP 400: n is too long. (field: n)",
+    )
+    assert transport.send(BODY).verdict is Verdict.DROP
+    assert server.connections == 1  # complete answer: the connection was kept
+
+
+def test_retry_after_is_read_from_a_429(serve):
+    _, transport = serve(
+        reply(b"HTTP/1.1 429 Too Many\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n")
+    )
+    outcome = transport.send(BODY)
+    assert (outcome.verdict, outcome.retry_after) == (Verdict.RETRY, 7.0)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+        b"HTTP/1.0 204 No Content\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\nno length: the body ends with the connection",
+    ],
+    ids=["connection-close", "http-1.0", "no-length"],
+)
+def test_answers_that_end_their_connection_get_a_new_one_next_time(serve, answer):
+    server, transport = serve(reply(answer, keep=False))
+    assert transport.send(BODY).verdict is Verdict.DELIVERED
+    assert transport.send(BODY).verdict is Verdict.DELIVERED
+    assert server.connections == 2
+
+
+def test_http_1_0_with_keep_alive_keeps_its_connection(serve):
+    server, transport = serve(reply(b"HTTP/1.0 204 No Content\r\nConnection: keep-alive\r\n\r\n"))
+    assert transport.send(BODY).verdict is Verdict.DELIVERED
+    assert transport.send(BODY).verdict is Verdict.DELIVERED
+    assert server.connections == 1
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_failure(serve):
+    # The server answers, then closes: the next send sees the close and
+    # opens a new connection instead of failing an attempt on the old one.
+    server, transport = serve(reply(NO_CONTENT, keep=False))
+    assert transport.send(BODY).verdict is Verdict.DELIVERED
+    wait_until(lambda: server.closed == 1, 5, "the server to close the connection")
+    assert transport.send(BODY).verdict is Verdict.DELIVERED
+    assert server.connections == 2
+
+
+def test_a_request_the_server_drops_unanswered_on_a_kept_connection_is_sent_anew(serve):
+    # The second request on a connection is read and dropped without a byte
+    # of answer (a server closing an idle connection just as we reuse it).
+    def answer(conn, number):
+        if number == 0:
+            conn.sendall(NO_CONTENT)
+            return True
+        return False
+
+    server, transport = serve(answer)
+    assert transport.send(BODY).verdict is Verdict.DELIVERED
+    assert transport.send(BODY).verdict is Verdict.DELIVERED
+    assert server.connections == 2
+    assert len(server.requests) == 3  # the dropped one, then the same body anew
+
+
+def test_a_new_connection_that_is_dropped_unanswered_is_a_network_failure(serve):
+    server, transport = serve(lambda conn, number: False)
+    outcome = transport.send(BODY)
+    assert (outcome.verdict, outcome.reason) == (Verdict.RETRY, "network")
+    assert "closed the connection without answering" in outcome.detail
+    assert server.connections == 1  # sent once: no second try on a fresh connection
+
+
+@pytest.mark.parametrize(
+    ("answer", "detail"),
+    [
+        (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "HTTP/1.x status line"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "HTTP/1.x status line"),
+        (b"HTTP/1.1 204 No Content\r\nno colon here\r\n\r\n", "has no ':'"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",
+            "two different Content-Length",
+        ),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
+        (b"HTTP/1.1 204 No Content\r\nX-Half: a", "in the middle of the answer's headers"),
+    ],
+    ids=["not-http", "four-digit-status", "no-colon", "two-lengths", "101", "cut-headers"],
+)
+def test_answers_that_break_http_are_network_failures(serve, answer, detail):
+    _, transport = serve(reply(answer, keep=False))
+    outcome = transport.send(BODY)
+    assert (outcome.verdict, outcome.reason) == (Verdict.RETRY, "network")
+    assert detail in outcome.detail
+
+
+def test_headers_over_the_limit_are_refused_without_reading_more(serve):
+    endless = b"X-Filler: " + b"y" * 1000 + b"\r\n"
+    _, transport = serve(reply(b"HTTP/1.1 204 No Content\r\n", endless * 100, keep=False))
+    outcome = transport.send(BODY)
+    assert (outcome.verdict, outcome.reason) == (Verdict.RETRY, "network")
+    assert f"over {MAX_HEAD} bytes" in outcome.detail
+
+
+def test_a_long_body_is_cut_and_its_connection_closed(serve):
+    big = b"z" * (MAX_ANSWER * 2)
+    server, transport = serve(
+        reply(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n" % len(big), big)
+    )
+    outcome = transport.send(BODY)
+    assert outcome.verdict is Verdict.DROP
+    assert outcome.detail.startswith("HTTP 400: zzz")
+    assert transport.send(BODY).verdict is Verdict.DROP
+    assert server.connections == 2
+
+
+def test_a_bad_chunk_lets_the_status_stand_but_not_the_connection(serve):
+    server, transport = serve(
+        reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnope\r\n0\r\n\r\n")
+    )
+    assert transport.send(BODY).verdict is Verdict.DELIVERED
+    assert transport.send(BODY).verdict is Verdict.DELIVERED
+    assert server.connections == 2
+
+
+def dripping(conn, number):
+    """Status and headers at once, then a body one byte a second."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    for _ in range(1000):
+        time.sleep(1)
+        conn.sendall(b"x")
+    return False
+
+
+def test_a_dripping_body_ends_at_the_deadline_and_the_status_stands(serve):
+    _, transport = serve(dripping)
+    started = time.monotonic()
+    assert transport.send(BODY, timeout=0.5).verdict is Verdict.DELIVERED
+    assert time.monotonic() - started < 3.0  # one deadline, not one per read
+
+
+def test_an_answer_that_never_comes_times_out_at_the_deadline(serve):
+    release = threading.Event()
+
+    def silent(conn, number):
+        release.wait(10)
+        return False
+
+    _, transport = serve(silent)
+    started = time.monotonic()
+    outcome = transport.send(BODY, timeout=0.3)
+    release.set()
+    assert (outcome.verdict, outcome.reason) == (Verdict.RETRY, "network")
+    assert "timed out" in outcome.detail
+    assert time.monotonic() - started < 3.0
+
+
+def test_a_refused_connection_is_a_network_failure():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    transport = Transport(Config.from_env(KEY, f"http://127.0.0.1:{port}"))
+    outcome = transport.send(BODY)
+    transport.close()
+    assert (outcome.verdict, outcome.reason) == (Verdict.RETRY, "network")
+    assert outcome.detail.startswith("ConnectionRefusedError")
