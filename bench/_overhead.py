@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench._report import Sizes
 from bench._stats import Summary
 
+#: Connections the load client keeps busy.
+CONNECTIONS = 4
 PLAIN = "untracked"
 TRACKED = "tracked"
 
@@ -42,3 +45,17 @@ def clean(runs: dict[str, list[dict[str, Any]]]) -> tuple[int, float]:
     dropped = sum(r["stats"].get("dropped", 0) for r in runs[TRACKED])
     errors = sum(r["errors"] + r["timeouts"] for rs in runs.values() for r in rs)
     return dropped, errors
+
+
+def note(raw: dict[str, Any], sizes: Sizes) -> str:
+    """The load, the repeats, and what the tracked clients queued and sent."""
+    runs = raw["runs"]
+    dropped, errors = clean(runs)
+    queued = [r["stats"].get("queued", 0) for r in runs[TRACKED]]
+    in_window = ", ".join(f"{r.get('sent_in_window', 0):,}" for r in runs[TRACKED])
+    return (
+        f"Load client: {raw['client']}, {CONNECTIONS} connections; {sizes.p6_repeats} repeats of "
+        f"{sizes.p6_seconds:g} s per variant. Events queued per tracked run (median): "
+        f"{Summary.of(queued).median:,.0f}; sent during each measured run: {in_window}; "
+        f"dropped in all tracked runs: {dropped}; failed requests in all runs: {errors:.0f}."
+    )

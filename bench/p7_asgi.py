@@ -5,9 +5,10 @@
 calls ``track_event`` once, its path, URL and visitor filled in from the
 request context. uvicorn runs one process (the event loop in its main
 thread); the load client and the way each repeat runs are P6's: fresh
-servers, each variant first in turn, a second of warm-up, then the
-measurement (62 s in a full run: one whole quota window, see P6), the
-figures paired repeat by repeat.
+servers, each variant first in turn, a warm-up that lasts until the
+tracked client's first window is sent, then the measurement (61 s in a
+full run: one whole quota window, see P6), the figures paired repeat by
+repeat.
 
 The figure judged is the CPU time the uvicorn process spent per request
 (from ``/proc``), tracked against untracked: requests per second on a shared
@@ -27,9 +28,8 @@ from bench._collector import CollectorProcess
 from bench._overhead import PLAIN, TRACKED
 from bench._report import Line, Result, Sizes
 from bench._stats import Summary, ratio
-from bench.p6_app import CONNECTIONS, _cpu_seconds, _free_port, _get_json, _load
+from bench.p6_app import _free_port, _get_json, measure_one
 
-_WARMUP_SECONDS = 1.0
 #: The most CPU per request tracking may add: 3 %.
 TARGET = 1.03
 
@@ -91,13 +91,7 @@ def _one(track: bool, collector: CollectorProcess, seconds: float) -> dict[str, 
     server = _Uvicorn(track, collector)
     try:
         server.wait_ready()
-        url = server.base + "/invoice/4242"
-        _load(url, _WARMUP_SECONDS)
-        cpu = _cpu_seconds(server.proc.pid)
-        result = _load(url, seconds)
-        result["seconds"] = seconds
-        result["cpu_s"] = _cpu_seconds(server.proc.pid) - cpu
-        result["stats"] = _get_json(server.base + "/_stats")
+        result = measure_one(server.base, server.proc.pid, seconds)
     finally:
         server.close()
     return result
@@ -144,14 +138,5 @@ def run(sizes: Sizes) -> Result:
             None,
         ),
     ]
-    queued = Summary.of([r["stats"].get("queued", 0) for r in runs[TRACKED]]).median
-    sent = Summary.of([r["stats"].get("sent", 0) for r in runs[TRACKED]]).median
-    notes = [
-        (__doc__ or "").split("\n\n", 1)[1].strip(),
-        f"Load client: {raw['client']}, {CONNECTIONS} connections; {sizes.p6_repeats} "
-        f"repeats of {sizes.p6_seconds:g} s per variant. Events queued per tracked run "
-        f"(median): {queued:,.0f}, of which sent by the end: {sent:,.0f}; dropped in all "
-        f"tracked runs: {dropped}; failed "
-        f"requests in all runs: {errors:.0f}.",
-    ]
+    notes = [(__doc__ or "").split("\n\n", 1)[1].strip(), _overhead.note(raw, sizes)]
     return Result("P7", "overhead on a FastAPI app under uvicorn", lines, notes, raw)
