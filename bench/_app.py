@@ -1,7 +1,8 @@
 """The Flask app P6 serves under gunicorn, with or without one event per request.
 
 ``BENCH_TRACK=1`` makes every request track one event; ``BENCH_COLLECTOR``
-and ``BENCH_KEY`` say where to. ``/_stats`` reports the client's counters.
+and ``BENCH_KEY`` say where to. ``/_stats`` reports the client's counters
+and the CPU time produl itself used (:mod:`bench._own`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from typing import Any
 from flask import Flask, jsonify
 
 from bench import _guard
+from bench._own import OwnCpu
 
 _guard.install()
+own = OwnCpu()
 
 app = Flask(__name__)
 produl: Any = None
@@ -35,7 +38,8 @@ def invoice(invoice_id: int) -> Any:
     """A small JSON answer, like an API endpoint; tracks one event when enabled."""
     data = {"id": invoice_id, "amount_cents": 4200, "currency": "EUR", "status": "paid"}
     if produl is not None:
-        produl.track_event(
+        own.timed(
+            produl.track_event,
             "invoice_paid",
             {"amount_cents": 4200, "currency": "EUR", "plan": "pro"},
             visitor_id=f"cust_{invoice_id}",
@@ -46,9 +50,9 @@ def invoice(invoice_id: int) -> Any:
 
 @app.get("/_stats")
 def stats() -> Any:
-    """The client's counters, or ``{}`` when not tracking."""
+    """The client's counters (none when not tracking), and produl's own CPU so far."""
     if produl is None:
-        return jsonify({})
+        return jsonify(own.figures())
     counters = produl.stats
     return jsonify(
         {
@@ -56,5 +60,6 @@ def stats() -> Any:
             "sent": counters.sent,
             "dropped": counters.dropped_total,
             "pending": counters.pending,
+            **own.figures(),
         }
     )

@@ -37,7 +37,7 @@ import time
 import urllib.request
 from typing import Any
 
-from bench import _overhead, _proc
+from bench import _overhead, _own, _proc
 from bench._collector import CollectorProcess
 from bench._overhead import CONNECTIONS, PLAIN, TRACKED
 from bench._report import Line, Result, Sizes
@@ -179,8 +179,10 @@ def _load(url: str, seconds: float) -> dict[str, float]:
     return {"rps": data["requests"] / data["seconds"], "errors": data["errors"], "timeouts": 0.0}
 
 
-def _sent(base: str) -> int:
-    return int(_get_json(base + "/_stats").get("sent", 0))
+def _first_window_sent(base: str) -> bool:
+    """Whether a tracked server sent its first window (all it queued, or the quota)."""
+    stats = _get_json(base + "/_stats")
+    return int(stats.get("sent", 0)) >= min(QUOTA, int(stats.get("queued", 0)))
 
 
 def measure_one(base: str, pid: int, seconds: float) -> dict[str, Any]:
@@ -193,15 +195,17 @@ def measure_one(base: str, pid: int, seconds: float) -> dict[str, Any]:
     url = base + "/invoice/4242"
     _load(url, _WARMUP_SECONDS)
     deadline = time.monotonic() + _FIRST_WINDOW_TIMEOUT
-    while 0 < _sent(base) < QUOTA and time.monotonic() < deadline:
+    while not _first_window_sent(base) and time.monotonic() < deadline:
         time.sleep(0.2)
-    sent = _sent(base)
+    before = _get_json(base + "/_stats")
     cpu = _cpu_seconds(pid)
     result = _load(url, seconds)
     result["seconds"] = seconds
     result["cpu_s"] = _cpu_seconds(pid) - cpu
-    result["stats"] = _get_json(base + "/_stats")
-    result["sent_in_window"] = result["stats"].get("sent", 0) - sent
+    after = result["stats"] = _get_json(base + "/_stats")
+    result["sent_in_window"] = after.get("sent", 0) - before.get("sent", 0)
+    for figure in ("caller_s", "threads_s", "gc_s"):
+        result[figure] = after.get(figure, 0.0) - before.get(figure, 0.0)
     return result
 
 
@@ -222,8 +226,47 @@ def measure(sizes: Sizes) -> dict[str, Any]:
     return {"runs": runs, "client": "wrk" if shutil.which("wrk") else "bench/_load.py"}
 
 
+def _per_request(run: dict[str, Any], figure: str) -> float:
+    return float(run.get(figure, 0.0)) * 1e6 / max(run["rps"] * run["seconds"], 1)
+
+
+def _own_per_request(tracked: dict[str, Any], plain: dict[str, Any]) -> float:
+    """produl's own µs per request: its calls, its threads, and the GC time it added."""
+    added_gc = max(0.0, _per_request(tracked, "gc_s") - _per_request(plain, "gc_s"))
+    return _per_request(tracked, "caller_s") + _per_request(tracked, "threads_s") + added_gc
+
+
+def _own_line(runs: dict[str, list[dict[str, Any]]], plain_cpu: Summary, clean: bool) -> Line:
+    pairs = list(zip(runs[TRACKED], runs[PLAIN], strict=True))
+    own = Summary.of([_own_per_request(t, p) for t, p in pairs])
+    counted = Summary.of(
+        [1 + _own_per_request(t, p) / max(_per_request(p, "cpu_s"), 1e-9) for t, p in pairs]
+    )
+    return Line(
+        "P6",
+        "produl's own CPU per request, counted in the server (calls, threads, added GC)",
+        own.show("µs", 3),
+        f"untracked {plain_cpu.show('µs', 3)}",
+        "",
+        f"{counted.median:.3f}x ({counted.low:.3f}..{counted.high:.3f}) untracked",
+        f"≤ {CPU_TARGET:.2f}x untracked",
+        counted.median <= CPU_TARGET and clean,
+    )
+
+
+def _own_note(runs: dict[str, list[dict[str, Any]]]) -> str:
+    parts = []
+    for tracked, plain in zip(runs[TRACKED], runs[PLAIN], strict=True):
+        parts.append(
+            f"track_event {_per_request(tracked, 'caller_s'):.1f}, threads "
+            f"{_per_request(tracked, 'threads_s'):.1f}, GC {_per_request(tracked, 'gc_s'):.1f} "
+            f"(untracked {_per_request(plain, 'gc_s'):.1f})"
+        )
+    return "Counted per request, µs, repeat by repeat: " + "; ".join(parts) + "."
+
+
 def run(sizes: Sizes) -> Result:
-    """P6 as table rows: CPU per request first, requests/s second."""
+    """P6 as table rows: CPU per request first, requests/s second, produl's own CPU third."""
     raw = measure(sizes)
     runs = raw["runs"]
     plain = Summary.of([r["rps"] for r in runs[PLAIN]])
@@ -253,6 +296,12 @@ def run(sizes: Sizes) -> Result:
             f"≥ {RPS_TARGET:.0%} of untracked",
             rps.median >= RPS_TARGET and dropped == 0 and errors == 0,
         ),
+        _own_line(runs, cpu[PLAIN], dropped == 0 and errors == 0),
     ]
-    notes = [(__doc__ or "").split("\n\n", 1)[1].strip(), _overhead.note(raw, sizes)]
+    notes = [
+        (__doc__ or "").split("\n\n", 1)[1].strip(),
+        _overhead.note(raw, sizes),
+        (_own.__doc__ or "").split("\n\n", 1)[1].strip(),
+        _own_note(runs),
+    ]
     return Result("P6", "overhead on a Flask app under gunicorn", lines, notes, raw)

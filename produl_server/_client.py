@@ -54,7 +54,8 @@ class Produl:
             (counted, logged) instead of blocking the caller.
         shutdown_timeout: Seconds the exit (or :meth:`shutdown`) may spend
             delivering what is left.
-        request_timeout: Seconds to connect, and to wait for an answer.
+        request_timeout: Seconds for one whole request (connection, TLS,
+            answer); through a proxy, to connect and for each wait on the answer.
         max_requests_per_minute: The client-side pace; ``None`` turns it off.
         max_retry_time: Seconds an event may keep failing (408, 5xx,
             timeouts, network errors) before it is given up and reported,

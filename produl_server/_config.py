@@ -298,7 +298,8 @@ class Config:
             queued event was queued.
         max_queue_size: Events held at most before new ones are dropped.
         shutdown_timeout: Seconds the exit hook or shutdown may spend.
-        request_timeout: Seconds to connect, and to wait for an answer.
+        request_timeout: Seconds for one whole request (connection, TLS,
+            answer); through a proxy, to connect and for each wait on the answer.
         max_requests_per_minute: The client-side pace, or None for none.
         max_retry_time: Seconds an event may keep failing before it is
             given up (429 answers do not count).
