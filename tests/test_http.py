@@ -17,9 +17,11 @@ import time
 import pytest
 from support import wait_until
 
+from produl_server import Produl
 from produl_server._config import Config
 from produl_server._http import MAX_ANSWER, MAX_HEAD
 from produl_server._transport import Transport, Verdict
+from produl_server.testing import LocalCollector
 
 KEY = "sk_test_key_0000"
 BODY = b'{"t":"ev","n":"e","vi":"v"}'
@@ -331,3 +333,24 @@ def test_a_refused_connection_is_a_network_failure():
     transport.close()
     assert (outcome.verdict, outcome.reason) == (Verdict.RETRY, "network")
     assert outcome.detail.startswith("ConnectionRefusedError")
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_an_ipv6_collector_gets_a_bracketed_host_header():
+    with LocalCollector(host="::1") as collector:
+        assert collector.url.startswith("http://[::1]:")
+        produl = Produl(server_key=collector.server_key, api_url=collector.url)
+        produl.track_event("over_ipv6", visitor_id="v")
+        assert produl.flush(timeout=10)
+        produl.shutdown(timeout=5)
+        assert collector.events[0]["n"] == "over_ipv6"
+        port = collector.url.rsplit(":", 1)[1]
+        assert collector.requests[0].headers["Host"] == f"[::1]:{port}"
