@@ -92,12 +92,12 @@ def _get_json(url: str, timeout: float = 5.0) -> Any:
 
 
 class _Gunicorn:
-    def __init__(self, track: bool, collector: CollectorProcess) -> None:
+    def __init__(self, track: bool | str, collector: CollectorProcess) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = _proc.child_env(
             {
-                "BENCH_TRACK": "1" if track else "0",
+                "BENCH_TRACK": track if isinstance(track, str) else "1" if track else "0",
                 "BENCH_COLLECTOR": collector.url,
                 "BENCH_KEY": collector.key,
             }
