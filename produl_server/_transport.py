@@ -160,7 +160,9 @@ class Transport:
                     (url.host or "").strip("[]"), port, wrap, config.max_in_flight
                 )
         self._proxied = (
-            None if self._direct is not None else _Urllib3Route(config, base, proxy, headers, tls)
+            None
+            if self._direct is not None
+            else _Urllib3Route(config, base, self._path, proxy, headers, tls)
         )
 
     def __repr__(self) -> str:
@@ -267,13 +269,13 @@ class _Urllib3Route:
         self,
         config: Config,
         base: str,
+        path: str,
         proxy: str | None,
         headers: dict[str, str],
         tls: dict[str, Any],
     ) -> None:
-        url = parse_url(config.api_url)
         self._headers = dict(headers)
-        self._target = (url.path or "").rstrip("/") + COLLECT_PATH
+        self._target = path
         self._timeout = config.request_timeout
         # Built once: a Timeout per request costs more than our own code does.
         self._default_timeout = urllib3.Timeout(connect=self._timeout, read=self._timeout)
@@ -287,7 +289,7 @@ class _Urllib3Route:
                 proxy_headers=proxy_headers,
                 **tls,
             )
-            if url.scheme == "http":
+            if base.startswith("http:"):
                 # Plain http through a proxy: the request line carries the
                 # absolute URL, and the proxy's credentials ride on it.
                 self._target = base + self._target

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,3 +136,78 @@ class RedisServer:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class RawServer:
+    """Reads each request on each connection and lets *answer* write the reply.
+
+    ``answer(conn, number)`` gets the request's number on its connection
+    (0, 1, ...) and returns True to keep the connection for another request.
+    """
+
+    def __init__(self, answer):
+        self._answer = answer
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.connections = 0
+        self.closed = 0
+        self.requests: list[bytes] = []
+        self.stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _read_request(self, conn, data):
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None, b""
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        while len(rest) < length:
+            rest += conn.recv(65536)
+        return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+    def _handle(self, conn):
+        try:
+            self._exchange(conn)
+        finally:
+            conn.close()
+            self.closed += 1
+
+    def _exchange(self, conn):
+        with contextlib.suppress(OSError):
+            conn.settimeout(10)
+            pending = b""
+            number = 0
+            while not self.stopping.is_set():
+                request, pending = self._read_request(conn, pending)
+                if request is None:
+                    return
+                self.requests.append(request)
+                if not self._answer(conn, number):
+                    return
+                number += 1
+
+    def close(self):
+        self.stopping.set()
+        self._thread.join(5)
+        self._sock.close()
+        for thread in self._threads:
+            thread.join(5)

@@ -16,52 +16,9 @@ import threading
 import time
 
 import pytest
+from support import RawServer
 
 from produl_server import DeliveryError, Produl
-
-
-class StubServer:
-    """Answers every connection with the bytes *answer* returns, on 127.0.0.1."""
-
-    def __init__(self, answer):
-        self._answer = answer
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self._sock.settimeout(0.2)
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        self._stop = threading.Event()
-        self.requests = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self):
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn):
-        with conn:
-            conn.settimeout(5)
-            data = b""
-            with contextlib.suppress(OSError):
-                while b"\r\n\r\n" not in data:
-                    data += conn.recv(65536)
-                head, _, body = data.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                while len(body) < length:
-                    body += conn.recv(65536)
-                self.requests += 1
-                self._answer(conn, self._stop)
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(5)
-        self._sock.close()
 
 
 @pytest.fixture(name="stub")
@@ -69,7 +26,8 @@ def _stub():
     made = []
 
     def make(answer):
-        server = StubServer(answer)
+        """A raw server on 127.0.0.1 that answers each connection once with *answer*."""
+        server = RawServer(lambda conn, number: answer(conn, server.stopping) and False)
         made.append(server)
         return server
 

@@ -46,35 +46,15 @@ def _certs(tmp_path_factory) -> Path:
     where = tmp_path_factory.mktemp("tls")
     (where / "ca.ext").write_text(CA_EXTENSIONS)
     (where / "leaf.ext").write_text(LEAF_EXTENSIONS)
-    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl(
-        "req",
-        "-new",
-        *key,
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.csr",
-        "-subj",
-        "/CN=Test CA",
-        cwd=where,
-    )
+    for name, subject in (("ca", "/CN=Test CA"), ("leaf", "/CN=127.0.0.1")):
+        _openssl(
+            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=where,
+        )  # fmt: skip
     _openssl(
         "x509", "-req", "-in", "ca.csr", "-signkey", "ca.key", "-out", "ca.pem",
         "-days", "2", "-extfile", "ca.ext", cwd=where,
     )  # fmt: skip
-    _openssl(
-        "req",
-        "-new",
-        *key,
-        "-keyout",
-        "leaf.key",
-        "-out",
-        "leaf.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-        cwd=where,
-    )
     _openssl(
         "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
         "-CAcreateserial", "-out", "leaf.pem", "-days", "2", "-extfile", "leaf.ext", cwd=where,
