@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import logging
 import math
@@ -44,6 +46,30 @@ def mask_key(key: str) -> str:
         return "…"
     prefix = key[:3] if key.startswith("sk_") else ""
     return f"{prefix}…{key[-4:]}"
+
+
+#: The HMAC key of :func:`key_fingerprint`: fixed and public; it only keeps
+#: the fingerprint apart from any other hash of the same key.
+_FINGERPRINT_CONTEXT = b"produl-server spool owner v1"
+
+
+def key_fingerprint(key: str) -> str:
+    """Name the owner of a spooled event without storing its server key.
+
+    Spool rows (SQLite) and stream entries (Redis) carry this fingerprint, so a
+    client sends only the events its own key tracked: two sites that share an
+    ``api_url`` and a spool never send each other's events (issue #18).
+
+    Args:
+        key: A server key.
+
+    Returns:
+        32 lowercase hex digits: the first 128 bits of HMAC-SHA256 of the key
+        under a fixed context. Stable across processes, versions and hosts;
+        a server key carries far too much entropy to be guessed back from it.
+    """
+    digest = hmac.new(_FINGERPRINT_CONTEXT, key.encode("utf-8"), hashlib.sha256)
+    return digest.hexdigest()[:32]
 
 
 #: The largest value of every duration option, in seconds: one day. Far
