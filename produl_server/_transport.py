@@ -142,6 +142,11 @@ class Transport:
             "User-Agent": USER_AGENT,
         }
         self._timeout = config.request_timeout
+        # Each wait on the socket: the watchdog ends the request as a whole
+        # at its own, possibly shorter, deadline.
+        self._socket_timeout = urllib3.Timeout(
+            connect=config.request_timeout, read=config.request_timeout
+        )
         self._display = f"{url.scheme}://{url.netloc}{path}"
         base = f"{url.scheme}://{url.netloc}"
         self._target = path
@@ -233,7 +238,7 @@ class Transport:
             headers=self._headers,
             retries=False,
             redirect=False,
-            timeout=urllib3.Timeout(connect=left, read=left),
+            timeout=self._socket_timeout,
             assert_same_host=False,
             preload_content=False,
         )
@@ -314,6 +319,7 @@ class _Watchdog:
         self._watches: set[_Watch] = set()
         self._local = threading.local()
         self._pid = 0
+        self._next_wake = 0.0
 
     def start(self, deadline: float) -> _Watch:
         watch = _Watch(deadline)
@@ -327,7 +333,11 @@ class _Watchdog:
                     target=self._run, name="produl-server.deadlines", daemon=True
                 ).start()
             self._watches.add(watch)
-            self._wake.notify()
+            if deadline < self._next_wake:
+                # Woken only for a deadline before the one it waits for:
+                # not once per request.
+                self._next_wake = deadline
+                self._wake.notify()
         return watch
 
     def stop(self, watch: _Watch) -> None:
@@ -349,8 +359,8 @@ class _Watchdog:
                     self._watches.discard(watch)
                     watch.expired = True
                     _shut(watch.connection)
-                nearest = min((watch.deadline for watch in self._watches), default=now + 60)
-                self._wake.wait(max(nearest - now, 0.001))
+                self._next_wake = min((watch.deadline for watch in self._watches), default=now + 60)
+                self._wake.wait(max(self._next_wake - now, 0.001))
 
 
 def _shut(connection: Any) -> None:
