@@ -11,9 +11,9 @@ pre-encoded bodies over one kept-alive connection, with produl's headers.
 It does no validation, no encoding, no queue and no thread switch, so the
 ratio is what the SDK's machinery costs per event on top of the wire.
 
-Since the sender speaks HTTP/1.1 itself on a direct connection, the urllib3
-loop costs more than the whole SDK. A second floor is reported beside it:
-the cheapest loop that puts the same requests on the wire, pre-built request
+The sender sends through urllib3 too, so the urllib3 loop is the floor the
+target is set against (≤ 1.3x). A second floor is reported beside it: the
+cheapest loop that puts the same requests on the wire, pre-built request
 bytes on one socket (``sendall``, then read up to the end of the answer's
 headers and its ``Content-Length``).
 """

@@ -12,18 +12,18 @@ control characters escaped before it reaches a log line or an error.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import http.client
 import json
 import logging
 import math
 import os
 import platform
 import socket
-import ssl
 import threading
 import time
 import types
-import warnings
 from typing import Any
 
 import attrs
@@ -31,7 +31,6 @@ import urllib3
 from urllib3.util import parse_url
 
 from ._config import Config, is_loopback, mask_url, proxy_credentials
-from ._http import MAX_ANSWER, Answer, DirectPool
 from ._protocol import COLLECT_PATH, KEY_HEADER
 from ._version import __version__
 
@@ -39,6 +38,9 @@ log = logging.getLogger("produl_server")
 
 #: The most characters of a server-provided message that are shown.
 MAX_MESSAGE = 200
+#: The most bytes of an answer's body that are read; the rest is discarded
+#: with the connection.
+MAX_ANSWER = 64 * 1024
 _CHUNK = 8 * 1024
 
 USER_AGENT = (
@@ -121,7 +123,11 @@ def _shown(value: object) -> str:
 
 
 class Transport:
-    """Delivers request bodies to ``{api_url}/api/collect``.
+    """Delivers request bodies to ``{api_url}/api/collect``, through urllib3 alone.
+
+    Direct and proxied requests take the same route: one urllib3 pool of up to
+    ``max_in_flight`` kept-alive connections, and one deadline per request
+    that a watchdog enforces (see :class:`_Watchdog`).
 
     Args:
         config: The client's configuration.
@@ -129,156 +135,27 @@ class Transport:
 
     def __init__(self, config: Config) -> None:
         url = parse_url(config.api_url)
-        self._path = (url.path or "").rstrip("/") + COLLECT_PATH
-        headers = {
+        path = (url.path or "").rstrip("/") + COLLECT_PATH
+        self._headers = {
             KEY_HEADER: config.server_key,
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
         }
         self._timeout = config.request_timeout
-        self._display = f"{url.scheme}://{url.netloc}{self._path}"
+        # Each wait on the socket: the watchdog ends the request as a whole
+        # at its own, possibly shorter, deadline.
+        self._socket_timeout = urllib3.Timeout(
+            connect=config.request_timeout, read=config.request_timeout
+        )
+        self._display = f"{url.scheme}://{url.netloc}{path}"
         base = f"{url.scheme}://{url.netloc}"
+        self._target = path
         proxy = config.proxy
         if proxy is None and not is_loopback(url.host or ""):
             # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as requests reads them; a
             # collector on this machine is never reached through a proxy.
             proxy = _requests_utils().get_environ_proxies(base).get(url.scheme or "https")
         tls = _tls_options(config, url.scheme)
-        self._direct: DirectPool | None = None
-        self._head = b""
-        if not proxy:
-            lines = [f"POST {self._path} HTTP/1.1", f"Host: {url.netloc}"]
-            lines += [f"{name}: {value}" for name, value in headers.items()]
-            try:
-                self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("ascii")
-            except UnicodeEncodeError:
-                pass  # an internationalised host or path: urllib3 encodes those
-            else:
-                port = url.port or (443 if url.scheme == "https" else 80)
-                wrap = _TlsContext(tls, url.host or "").wrap if url.scheme == "https" else None
-                self._direct = DirectPool(
-                    (url.host or "").strip("[]"), port, wrap, config.max_in_flight
-                )
-        self._proxied = (
-            None
-            if self._direct is not None
-            else _Urllib3Route(config, base, self._path, proxy, headers, tls)
-        )
-
-    def __repr__(self) -> str:
-        return f"<Transport {self._display}>"
-
-    def send(self, body: bytes, timeout: float | None = None) -> Outcome:
-        """POST one event and classify the answer; never raises for network trouble.
-
-        Args:
-            body: The encoded event.
-            timeout: Seconds for the whole request; the configured
-                ``request_timeout`` when ``None``.
-        """
-        budget = self._timeout if timeout is None else max(min(timeout, self._timeout), 0.001)
-        started = time.perf_counter()
-        deadline = time.monotonic() + budget
-        try:
-            if self._direct is not None:
-                answer = self._direct.post(self._head + b"%d\r\n\r\n" % len(body) + body, deadline)
-            else:
-                answer = self._proxied.post(body, budget, deadline)  # type: ignore[union-attr]
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            detail = f"{type(exc).__name__}: {_describe(exc)}"
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("POST %s failed after %.1f ms: %s", self._display, _ms(started), detail)
-            return Outcome(Verdict.RETRY, None, None, "network", detail)
-        outcome = classify(answer.status, answer.body, answer.retry_after)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "POST %s -> %d in %.1f ms (%s)",
-                self._display,
-                answer.status,
-                _ms(started),
-                outcome.verdict.value,
-            )
-        return outcome
-
-    def close(self) -> None:
-        """Close every pooled connection."""
-        if self._direct is not None:
-            self._direct.close()
-        else:
-            self._proxied.close()  # type: ignore[union-attr]
-
-    def abandon(self) -> None:
-        """Forget the connections inherited over ``fork()`` without taking any lock.
-
-        The parent's sender may have held the pool's lock at fork time, so the
-        child must not call :meth:`close`; it closes its copies of the sockets
-        (the parent's stay open) and starts afresh.
-        """
-        if self._direct is not None:
-            self._direct.abandon()
-        else:
-            self._proxied.abandon()  # type: ignore[union-attr]
-
-
-class _TlsContext:
-    """The client's TLS settings, made into an :class:`ssl.SSLContext` on first use.
-
-    Loading a CA bundle takes milliseconds and can fail (a missing file): it
-    happens on the sender thread, at the first connection, and a failure is
-    a failed attempt like any network error.
-    """
-
-    def __init__(self, options: dict[str, Any], host: str) -> None:
-        self._options = options
-        self._host = host
-        self._context: ssl.SSLContext | None = None
-        self._lock = threading.Lock()
-
-    def wrap(self, sock: socket.socket, server_hostname: str) -> socket.socket:
-        """Start TLS on *sock*, verified as the options say."""
-        with self._lock:
-            if self._context is None:
-                self._context = _ssl_context(self._options)
-        if self._context.verify_mode == ssl.CERT_NONE:
-            warnings.warn(
-                f"produl_server: TLS to {self._host} is not verified (verify=False); "
-                "anyone on the path can read the server key",
-                urllib3.exceptions.InsecureRequestWarning,
-                stacklevel=2,
-            )
-        return self._context.wrap_socket(sock, server_hostname=server_hostname)
-
-
-def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext:
-    if options.get("cert_reqs") == "CERT_NONE":
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        context = ssl.create_default_context(
-            cafile=options.get("ca_certs"), capath=options.get("ca_cert_dir")
-        )
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
-class _Urllib3Route:
-    """Requests through a proxy (or to a host that needs IDNA): urllib3's pool."""
-
-    def __init__(
-        self,
-        config: Config,
-        base: str,
-        path: str,
-        proxy: str | None,
-        headers: dict[str, str],
-        tls: dict[str, Any],
-    ) -> None:
-        self._headers = dict(headers)
-        self._target = path
-        self._timeout = config.request_timeout
-        # Built once: a Timeout per request costs more than our own code does.
-        self._default_timeout = urllib3.Timeout(connect=self._timeout, read=self._timeout)
         manager: urllib3.PoolManager
         if proxy:
             proxy_headers = _proxy_headers(proxy)
@@ -298,12 +175,62 @@ class _Urllib3Route:
             manager = urllib3.PoolManager(num_pools=1, maxsize=config.max_in_flight, **tls)
         self._manager = manager
         self._pool = manager.connection_from_url(base)
+        # Every connection of the pool answers to the watchdog (an instance
+        # attribute: urllib3's class stays as it is for everyone else).
+        self._pool.ConnectionCls = _watched(self._pool.ConnectionCls)
 
-    def post(self, body: bytes, budget: float, deadline: float) -> Answer:
-        if budget >= self._timeout:
-            limit = self._default_timeout
-        else:
-            limit = urllib3.Timeout(connect=budget, read=budget)
+    def __repr__(self) -> str:
+        return f"<Transport {self._display}>"
+
+    def send(self, body: bytes, timeout: float | None = None) -> Outcome:
+        """POST one event and classify the answer; never raises for network trouble.
+
+        Args:
+            body: The encoded event.
+            timeout: Seconds for the whole request; the configured
+                ``request_timeout`` when ``None``.
+        """
+        budget = self._timeout if timeout is None else max(min(timeout, self._timeout), 0.001)
+        started = time.perf_counter()
+        deadline = time.monotonic() + budget
+        watch = _WATCHDOG.start(deadline)
+        try:
+            try:
+                status, retry_after, data = self._exchange(body, deadline)
+            except urllib3.exceptions.ProtocolError as exc:
+                if watch.expired or watch.uses < 2 or not _unanswered(exc):
+                    raise
+                # A kept connection the server closed just as we reused it:
+                # nothing was answered, so the same request goes once more,
+                # on a new connection, within the same deadline.
+                status, retry_after, data = self._exchange(body, deadline)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if watch.expired:
+                detail = f"TimeoutError: timed out after {budget:g} s (request_timeout)"
+            else:
+                root = _root_cause(exc)
+                detail = f"{type(root).__name__}: {_describe(root)}"
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("POST %s failed after %.1f ms: %s", self._display, _ms(started), detail)
+            return Outcome(Verdict.RETRY, None, None, "network", detail)
+        finally:
+            _WATCHDOG.stop(watch)
+        outcome = classify(status, data, retry_after)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "POST %s -> %d in %.1f ms (%s)",
+                self._display,
+                status,
+                _ms(started),
+                outcome.verdict.value,
+            )
+        return outcome
+
+    def _exchange(self, body: bytes, deadline: float) -> tuple[int, str | None, bytes]:
+        """One request and its bounded answer, before *deadline*."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no time left for the request")
         response = self._pool.urlopen(
             "POST",
             self._target,
@@ -311,21 +238,216 @@ class _Urllib3Route:
             headers=self._headers,
             retries=False,
             redirect=False,
-            timeout=limit,
+            timeout=self._socket_timeout,
             assert_same_host=False,
             preload_content=False,
         )
         data = _read_bounded(response, deadline)
-        return Answer(response.status, response.headers.get("Retry-After"), data)
+        return response.status, response.headers.get("Retry-After"), data
 
     def close(self) -> None:
+        """Close every pooled connection."""
         self._manager.clear()
 
     def abandon(self) -> None:
+        """Forget the connections inherited over ``fork()`` without taking any lock.
+
+        The parent's sender may have held the pool's lock at fork time, so the
+        child must not call :meth:`close`; it closes its copies of the sockets
+        (the parent's stay open) and starts afresh.
+        """
         idle = getattr(self._pool.pool, "queue", None) or []
         for connection in list(idle):
             if connection is not None:
                 connection.close()
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The error underneath urllib3's wrappers: ``ConnectionRefusedError``, not the pool's."""
+    seen = {id(exc)}
+    while True:
+        inner = exc.__cause__ or next(
+            (arg for arg in exc.args if isinstance(arg, BaseException)), None
+        )
+        if inner is None or id(inner) in seen:
+            return exc
+        seen.add(id(inner))
+        exc = inner
+
+
+def _unanswered(exc: BaseException) -> bool:
+    """Whether *exc* is a connection closed before a byte of the answer came."""
+    causes = [exc.__cause__, exc.__context__, *exc.args]
+    return any(isinstance(cause, http.client.RemoteDisconnected) for cause in causes)
+
+
+class _Watch:
+    """One request in flight: its deadline, and the connection that carries it."""
+
+    __slots__ = ("connection", "deadline", "expired", "uses")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.connection: Any = None
+        self.expired = False
+        self.uses = 0
+
+
+class _Watchdog:
+    """One thread that ends every request still running at its deadline.
+
+    urllib3's timeouts bound each socket operation, not a request: a server
+    that drips one byte a second, through a proxy or not, would hold a
+    request for as long as it likes. Each request therefore registers its
+    deadline here; past it, this thread shuts the connection's socket down
+    (``shutdown``, never ``close``, so no descriptor can be reused under the
+    request), and the blocked read or write returns at once with an error
+    that :meth:`Transport.send` reports as a timeout. The connection is then
+    dropped: urllib3 sees the shut socket and never reuses it.
+
+    Connecting is bounded without the watchdog: :func:`_watched` shares the
+    remaining time among the addresses a name resolves to. Name resolution
+    itself (``getaddrinfo``) cannot be interrupted, by this or any library.
+
+    The thread is a daemon, started at the first request of each process
+    (after ``fork()`` too) and idle while nothing is in flight.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._watches: set[_Watch] = set()
+        self._local = threading.local()
+        self._pid = 0
+        self._next_wake = 0.0
+
+    def start(self, deadline: float) -> _Watch:
+        watch = _Watch(deadline)
+        self._local.watch = watch
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._watches = set()
+                self._wake = threading.Condition(self._lock)
+                threading.Thread(
+                    target=self._run, name="produl-server.deadlines", daemon=True
+                ).start()
+            self._watches.add(watch)
+            if deadline < self._next_wake:
+                # Woken only for a deadline before the one it waits for:
+                # not once per request.
+                self._next_wake = deadline
+                self._wake.notify()
+        return watch
+
+    def stop(self, watch: _Watch) -> None:
+        self._local.watch = None
+        with self._lock:
+            self._watches.discard(watch)
+
+    def current(self) -> _Watch | None:
+        """The request the calling thread is making, if any."""
+        return getattr(self._local, "watch", None)
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        with self._lock:
+            while self._pid == pid:
+                now = time.monotonic()
+                due = [watch for watch in self._watches if watch.deadline <= now]
+                for watch in due:
+                    self._watches.discard(watch)
+                    watch.expired = True
+                    _shut(watch.connection)
+                self._next_wake = min((watch.deadline for watch in self._watches), default=now + 60)
+                self._wake.wait(max(self._next_wake - now, 0.001))
+
+
+def _shut(connection: Any) -> None:
+    sock = getattr(connection, "sock", None)
+    if isinstance(sock, socket.socket):
+        # socket.socket's own shutdown, also for an SSLSocket: its override
+        # would tear down the TLS object under the thread that is using it.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _watched(base: type[Any]) -> type[Any]:
+    """*base* (urllib3's connection class), answering to the watchdog."""
+
+    class Watched(base):  # type: ignore[misc]
+        def connect(self) -> None:
+            watch = _WATCHDOG.current()
+            if watch is not None:
+                watch.connection = self
+            super().connect()
+
+        def request(self, *args: Any, **kwargs: Any) -> None:
+            watch = _WATCHDOG.current()
+            if watch is not None:
+                watch.connection = self
+                self.produl_uses = getattr(self, "produl_uses", 0) + 1
+                watch.uses = self.produl_uses
+            super().request(*args, **kwargs)
+
+        def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+            response = super().getresponse(*args, **kwargs)
+            watch = _WATCHDOG.current()
+            if watch is not None and watch.expired:
+                # The status line and headers were cut short by the deadline:
+                # what http.client parsed of them proves nothing.
+                response.close()
+                raise TimeoutError("the answer's headers did not arrive before the deadline")
+            return response
+
+        def _new_conn(self) -> socket.socket:
+            watch = _WATCHDOG.current()
+            if watch is None:
+                return super()._new_conn()  # type: ignore[no-any-return]
+            return _connect_within(self, watch.deadline)
+
+    Watched.__name__ = Watched.__qualname__ = f"Watched{base.__name__}"
+    return Watched
+
+
+def _connect_within(connection: Any, deadline: float) -> socket.socket:
+    """Connect to each resolved address in turn, all within one *deadline*.
+
+    urllib3 gives every address the whole connect timeout, so a name with
+    three dead addresses would take three timeouts; here they share one.
+    The connection itself is urllib3's (its socket options included).
+    """
+    host, port = connection._dns_host, connection.port
+    try:
+        addresses = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise urllib3.exceptions.NewConnectionError(
+            connection, f"Failed to resolve {host!r}: {exc}"
+        ) from exc
+    error: OSError = TimeoutError("no time left to connect")
+    for _family, _type, _proto, _name, address in addresses:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            return urllib3.util.connection.create_connection(
+                (str(address[0]), int(address[1])),
+                left,
+                source_address=connection.source_address,
+                socket_options=connection.socket_options,
+            )
+        except OSError as exc:
+            error = exc
+    if isinstance(error, TimeoutError | socket.timeout):
+        raise urllib3.exceptions.ConnectTimeoutError(
+            connection, f"Connection to {host} timed out"
+        ) from error
+    raise urllib3.exceptions.NewConnectionError(
+        connection, f"Failed to establish a new connection: {error}"
+    ) from error
 
 
 def _tls_options(config: Config, scheme: str | None) -> dict[str, Any]:
@@ -393,7 +515,7 @@ def _read_bounded(response: Any, deadline: float) -> bytes:
     except (urllib3.exceptions.HTTPError, OSError):
         # The status line and headers arrived: the answer stands on them.
         complete = False
-    if complete:
+    if complete and time.monotonic() < deadline:
         response.release_conn()
     else:
         response.close()

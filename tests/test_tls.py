@@ -159,4 +159,4 @@ def test_verify_false_delivers_and_warns(client, tls_collector):
         w for w in caught if issubclass(w.category, urllib3.exceptions.InsecureRequestWarning)
     ]
     assert insecure
-    assert "not verified" in str(insecure[0].message)
+    assert "Unverified HTTPS request" in str(insecure[0].message)

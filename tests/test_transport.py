@@ -53,7 +53,7 @@ def test_tls_settings_reach_both_routes(verify, cert_reqs, ca_certs):
     assert (options["cert_reqs"], options.get("ca_certs")) == (cert_reqs, ca_certs)
     # Through a proxy, urllib3's pool gets the same settings.
     proxied = Transport(attrs.evolve(config, proxy="http://127.0.0.1:9"))
-    pool = proxied._proxied._pool
+    pool = proxied._pool
     assert (pool.cert_reqs, pool.ca_certs) == (cert_reqs, ca_certs)
     proxied.close()
 
