@@ -58,15 +58,37 @@ class Sizes:
     p8_runs: int
     p9_modes: int
     """How many of the collector's rate-limit shapes P9 runs (bucket, fixed, sliding)."""
+    p10_queue: int = 10_000
+    p10_calls: int = 200_000
+    p10_repeats: int = 3
 
 
 SIZES = {
     # P6 and P7 measure 61 s in a full run: one whole quota window, after
     # the first one is sent, so the sender's work in it is what a busy app
     # pays per window.
-    "full": Sizes("full", 20_000, 7, 20_000, 5, 15, 10_000, 5, 5_000, 200.0, 20.0, 61.0, 5, 5, 3),
+    "full": Sizes(
+        "full",
+        20_000,
+        7,
+        20_000,
+        5,
+        15,
+        10_000,
+        5,
+        5_000,
+        200.0,
+        20.0,
+        61.0,
+        5,
+        5,
+        3,
+        10_000,
+        200_000,
+        5,
+    ),
     "quick": Sizes("quick", 5_000, 5, 5_000, 3, 7, 10_000, 3, 500, 40.0, 10.0, 20.0, 2, 3, 3),
-    "smoke": Sizes("smoke", 300, 2, 200, 2, 2, 300, 2, 30, 8.0, 2.0, 1.0, 2, 1, 1),
+    "smoke": Sizes("smoke", 300, 2, 200, 2, 2, 300, 2, 30, 8.0, 2.0, 1.0, 2, 1, 1, 300, 2_000, 1),
 }
 
 

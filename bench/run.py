@@ -1,6 +1,6 @@
 """Run the suite: ``python -m bench [--quick | --smoke] [--only P1,P2] [--sdk DIR]``.
 
-Prints the summary table and, after a full run of all nine measures, writes
+Prints the summary table and, after a full run of all ten measures, writes
 ``docs/performance.rst``. ``--quick`` and ``--smoke`` are for development
 and tests; they write the page only with an explicit ``--out``.
 Exit status: 0 when the suite ran (whether or not targets were met), 1 when
@@ -26,7 +26,7 @@ import attrs
 from bench import _guard, _proc, _report, _sdks
 from bench._report import Result, Sizes
 
-MEASURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")
+MEASURES = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10")
 # --smoke leaves P7 (FastAPI under uvicorn), P8 (the exit curve) and P9 (a
 # fleet behind one IP) out on purpose: P7 is P6's method on another server,
 # P8 is P3's script with 1,000 events (it takes a minute even when tiny), P9
@@ -48,6 +48,7 @@ def _runners(sizes: Sizes, peers: list[str]) -> dict[str, Callable[[], Result]]:
         p7_asgi,
         p8_exit_curve,
         p9_fleet,
+        p10_full_queue,
     )
 
     return {
@@ -60,6 +61,7 @@ def _runners(sizes: Sizes, peers: list[str]) -> dict[str, Callable[[], Result]]:
         "P7": lambda: p7_asgi.run(sizes),
         "P8": lambda: p8_exit_curve.run(sizes),
         "P9": lambda: p9_fleet.run(sizes),
+        "P10": lambda: p10_full_queue.run(sizes),
     }
 
 

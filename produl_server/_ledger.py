@@ -3,9 +3,13 @@
 Every event gets a sequence number when it is accepted, and is *handled*
 exactly once: sent, or dropped for a reason. ``flush()`` waits, on one
 :class:`threading.Condition`, until every event up to a target number is
-handled. Events finish out of order (several requests in flight, a retry),
-so the ledger keeps a low-water mark: every number up to it is handled, and
-the few handled above it wait in a set until the gap closes.
+handled. Events finish out of order (several requests in flight, a retry,
+events refused by a full queue while thousands wait in it), so the ledger
+keeps a low-water mark: every number up to it is handled, and those handled
+above it are kept as runs of consecutive numbers until the gaps close. A
+run costs the same for one event as for a million refused in a row, so the
+ledger's memory follows the gaps (at most the events pending), never the
+events handled.
 
 The counters only ever grow, so a snapshot is consistent at any moment:
 ``queued == sent + dropped_total + pending``.
@@ -13,6 +17,7 @@ The counters only ever grow, so a snapshot is consistent at any moment:
 
 from __future__ import annotations
 
+import bisect
 import collections
 import threading
 
@@ -76,7 +81,7 @@ class Ledger:
         self._accepted = 0
         #: Every sequence number up to this one is handled.
         self._low = 0
-        self._above: set[int] = set()
+        self._runs = _Runs()
         self._sent = 0
         self._retried = 0
         self._dropped: collections.Counter[str] = collections.Counter()
@@ -102,7 +107,7 @@ class Ledger:
             shutdown deadline while its request was still in flight).
         """
         with self._cond:
-            if seq <= self._low or seq in self._above:
+            if seq <= self._low or seq in self._runs:
                 return False
             if spooled:
                 self._spooled += 1
@@ -110,27 +115,29 @@ class Ledger:
                 self._sent += 1
             else:
                 self._dropped[dropped] += 1
-            if seq == self._low + 1:
-                low = seq
-                above = self._above
-                while low + 1 in above:
-                    low += 1
-                    above.discard(low)
-                self._low = low
-            else:
-                self._above.add(seq)
-            if self._waiters:
-                self._cond.notify_all()
+            self._handled(seq)
             return True
+
+    def _handled(self, seq: int) -> None:
+        """Move the mark past *seq*, or keep it in a run; wake waiters. Under the lock."""
+        if seq == self._low + 1:
+            self._low = self._runs.take_from(seq + 1) or seq
+        else:
+            self._runs.add(seq)
+        if self._waiters:
+            self._cond.notify_all()
 
     def is_handled(self, seq: int) -> bool:
         """Whether event *seq* was handled already."""
         with self._lock:
-            return seq <= self._low or seq in self._above
+            return seq <= self._low or seq in self._runs
 
     def refuse(self, reason: str) -> None:
         """Count an event that was accepted and dropped at once (at the door)."""
-        self.finish(self.accept(), reason)
+        with self._cond:  # one lock for both: a full queue refuses every call
+            self._accepted += 1
+            self._dropped[reason] += 1
+            self._handled(self._accepted)
 
     def count_retry(self) -> None:
         with self._cond:
@@ -139,11 +146,11 @@ class Ledger:
     def abandon(self, reason: str) -> int:
         """Drop every event not handled yet; return how many there were."""
         with self._cond:
-            left = self._accepted - self._low - len(self._above)
+            left = self._accepted - self._low - len(self._runs)
             if left:
                 self._dropped[reason] += left
             self._low = self._accepted
-            self._above.clear()
+            self._runs = _Runs()
             self._cond.notify_all()
             return left
 
@@ -163,7 +170,7 @@ class Ledger:
     @property
     def pending(self) -> int:
         with self._cond:
-            return self._accepted - self._low - len(self._above)
+            return self._accepted - self._low - len(self._runs)
 
     def stats(self) -> Stats:
         """A consistent snapshot of the counters."""
@@ -173,6 +180,56 @@ class Ledger:
                 sent=self._sent,
                 retried=self._retried,
                 dropped=dict(self._dropped),
-                pending=self._accepted - self._low - len(self._above),
+                pending=self._accepted - self._low - len(self._runs),
                 spooled=self._spooled,
             )
+
+
+class _Runs:
+    """Sequence numbers handled above the low-water mark, as runs ``[start, end]``.
+
+    ``len()`` is how many numbers the runs hold. Not thread-safe: the
+    ledger's lock guards it.
+    """
+
+    __slots__ = ("_count", "_ends", "_starts")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, seq: int) -> bool:
+        index = bisect.bisect_right(self._starts, seq) - 1
+        return index >= 0 and seq <= self._ends[index]
+
+    def add(self, seq: int) -> None:
+        """Add one number that no run holds."""
+        starts, ends = self._starts, self._ends
+        index = bisect.bisect_right(starts, seq)  # the run after seq
+        joins_before = index > 0 and ends[index - 1] == seq - 1
+        joins_after = index < len(starts) and starts[index] == seq + 1
+        if joins_before and joins_after:
+            ends[index - 1] = ends[index]
+            del starts[index], ends[index]
+        elif joins_before:
+            ends[index - 1] = seq
+        elif joins_after:
+            starts[index] = seq
+        else:
+            starts.insert(index, seq)
+            ends.insert(index, seq)
+        self._count += 1
+
+    def take_from(self, seq: int) -> int | None:
+        """Remove the run that starts at *seq*, if any; return where it ends."""
+        starts = self._starts
+        if not starts or starts[0] != seq:
+            return None
+        end = self._ends[0]
+        del starts[0], self._ends[0]
+        self._count -= end - seq + 1
+        return end

@@ -757,6 +757,11 @@ class Worker:
         sender = self._sender
         if sender is None and not self._sync:
             sender = self._start()
+        if core.outbox is None and len(self._items) >= self._config.max_queue_size:
+            # Full, and nowhere to spool: refused before any object is made,
+            # at the cost of an accepted call (P10), however long it lasts.
+            self._refuse_full(body)
+            return
         item = Item(body, visitor, core.ledger.accept())
         try:
             core.queue.put_nowait(item)
@@ -808,6 +813,16 @@ class Worker:
             self._config.max_queue_size,
         )
         core.call_hook(DeliveryError("queue_full", "the queue is full"), item)
+
+    def _refuse_full(self, body: bytes) -> None:
+        core = self._core
+        core.ledger.refuse("queue_full")
+        self._warn_full(
+            "produl_server: the queue is full (%d events); new events are dropped",
+            self._config.max_queue_size,
+        )
+        if self._config.on_error is not None:
+            core.call_hook(DeliveryError("queue_full", "the queue is full"), json.loads(body))
 
     def _refuse_at_door(self, body: bytes, visitor: str | None, reason: str, text: str) -> None:
         core = self._core

@@ -345,7 +345,7 @@ def test_a_full_queue_drops_without_blocking_and_warns_once(produl_collector, ma
         max_queue_size=5,
         flush_at=1000,
         flush_interval=600,
-        on_error=lambda e, ev: reported.append(e),
+        on_error=lambda e, ev: reported.append((e, ev)),
     )
     try:
         with caplog.at_level(logging.WARNING, logger="produl_server"):
@@ -356,7 +356,8 @@ def test_a_full_queue_drops_without_blocking_and_warns_once(produl_collector, ma
         # Every tracked event is counted, and ends sent, dropped or pending.
         assert stats.queued == 9
         assert stats.pending == 5
-        assert [e.reason for e in reported] == ["queue_full"] * 4
+        assert [e.reason for e, _ in reported] == ["queue_full"] * 4
+        assert [ev["pr"]["i"] for _, ev in reported] == [5, 6, 7, 8]  # the hook sees each one
         warnings = [r for r in caplog.records if "queue is full" in r.getMessage()]
         assert len(warnings) == 1
     finally:

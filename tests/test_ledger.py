@@ -1,0 +1,67 @@
+"""The ledger's low-water mark and runs, as a pure unit against a plain model."""
+
+from __future__ import annotations
+
+import random
+import tracemalloc
+
+from produl_server._ledger import Ledger
+
+
+def test_events_finished_in_any_order_are_counted_once_and_release_the_mark():
+    rng = random.Random(7)
+    for _round in range(50):
+        ledger = Ledger()
+        total = rng.randint(1, 300)
+        for _ in range(total):
+            ledger.accept()
+        order = list(range(1, total + 1))
+        rng.shuffle(order)
+        handled: set[int] = set()
+        for seq in order + order[: total // 3]:  # some twice: the second is refused
+            assert ledger.finish(seq) is (seq not in handled)
+            handled.add(seq)
+            expected_low = 0
+            while expected_low + 1 in handled:
+                expected_low += 1
+            assert ledger.done_through(expected_low)
+            assert not ledger.done_through(expected_low + 1) or expected_low == total
+            assert ledger.pending == total - len(handled)
+            probe = rng.randint(1, total)
+            assert ledger.is_handled(probe) is (probe in handled)
+        assert ledger.stats().sent == total
+
+
+def test_200000_refused_behind_a_full_queue_hold_no_memory_per_event():
+    # A full queue: the first 100 events wait; everything after is refused
+    # at the door and handled at once, far above the low-water mark.
+    ledger = Ledger()
+    for _ in range(100):
+        ledger.accept()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(200_000):
+            ledger.refuse("queue_full")
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 10_000  # one run, not 200,000 set entries (about 16 MB)
+    stats = ledger.stats()
+    assert (stats.pending, stats.dropped) == (100, {"queue_full": 200_000})
+    for seq in range(1, 101):
+        ledger.finish(seq)
+    assert ledger.done_through(200_100)
+    assert ledger.pending == 0
+
+
+def test_abandon_drops_exactly_what_is_not_handled():
+    ledger = Ledger()
+    for _ in range(10):
+        ledger.accept()
+    for seq in (2, 3, 7):
+        ledger.finish(seq)
+    assert ledger.abandon("shutdown") == 7
+    assert ledger.stats().dropped == {"shutdown": 7}
+    assert ledger.pending == 0
+    assert not ledger.finish(5)
