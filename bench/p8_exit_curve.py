@@ -15,8 +15,9 @@ interpreter teardown). The floor is the wall time of the same script without
 the SDK (the loop runs, nothing is tracked). Latencies are interleaved run by
 run, the bare script first in each round.
 
-The target: at 0 and 10 ms every run delivers 1,000/1,000; at
-every latency the median exit time stays within ``shutdown_timeout``.
+The target: at 0, 10 and 50 ms every run delivers 1,000/1,000, at 100 ms
+at least 900/1,000; at every latency the median exit time stays within
+``shutdown_timeout``, with no 429.
 """
 
 from __future__ import annotations
@@ -156,8 +157,9 @@ def run(sizes: Sizes) -> Result:
     lines = []
     for row in rows:
         ms, delivered, exit_s = row["latency_ms"], row["delivered"], row["exit_s"]
-        strict = ms <= 10
-        met = exit_s.median <= SHUTDOWN_TIMEOUT and (not strict or delivered.low == EVENTS)
+        wanted = EVENTS if ms <= 50 else 900
+        no_429 = row["rate_limited"].high == 0
+        met = exit_s.median <= SHUTDOWN_TIMEOUT and delivered.low >= wanted and no_429
         lines.append(
             Line(
                 "P8",
@@ -167,8 +169,7 @@ def run(sizes: Sizes) -> Result:
                 "",
                 f"wall {row['wall_s'].median / bare.median:.0f}x bare; "
                 f"{row['rate_limited'].median:.0f} x 429",
-                (f"{EVENTS:,}/{EVENTS:,} every run; " if strict else "")
-                + f"exit ≤ {SHUTDOWN_TIMEOUT:g} s",
+                f"≥ {wanted:,}/{EVENTS:,} every run; exit ≤ {SHUTDOWN_TIMEOUT:g} s; 0 x 429",
                 met,
             )
         )

@@ -72,6 +72,16 @@ def key_fingerprint(key: str) -> str:
     return digest.hexdigest()[:32]
 
 
+def exit_lanes(max_in_flight: int) -> int:
+    """How many requests may be in flight while the process exits.
+
+    Nothing else needs the CPU then, and the backlog must go before the
+    exit deadline: up to 8 times ``max_in_flight``, at most 32. With
+    ``max_in_flight=1`` (strict queue order) it stays 1.
+    """
+    return 1 if max_in_flight == 1 else min(max_in_flight * 8, 32)
+
+
 #: The largest value of every duration option, in seconds: one day. Far
 #: above any useful setting, and far below threading.TIMEOUT_MAX, past which
 #: the sender's waits raise OverflowError (issue #9).

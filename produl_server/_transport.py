@@ -30,7 +30,7 @@ import attrs
 import urllib3
 from urllib3.util import parse_url
 
-from ._config import Config, is_loopback, mask_url, proxy_credentials
+from ._config import Config, exit_lanes, is_loopback, mask_url, proxy_credentials
 from ._protocol import COLLECT_PATH, KEY_HEADER
 from ._version import __version__
 
@@ -156,13 +156,15 @@ class Transport:
             # collector on this machine is never reached through a proxy.
             proxy = _requests_utils().get_environ_proxies(base).get(url.scheme or "https")
         tls = _tls_options(config, url.scheme)
+        # One kept connection per lane, the exit's extra lanes included.
+        pool_size = exit_lanes(config.max_in_flight)
         manager: urllib3.PoolManager
         if proxy:
             proxy_headers = _proxy_headers(proxy)
             manager = urllib3.ProxyManager(
                 proxy,
                 num_pools=1,
-                maxsize=config.max_in_flight,
+                maxsize=pool_size,
                 proxy_headers=proxy_headers,
                 **tls,
             )
@@ -172,7 +174,7 @@ class Transport:
                 self._target = base + self._target
                 self._headers.update(proxy_headers or {})
         else:
-            manager = urllib3.PoolManager(num_pools=1, maxsize=config.max_in_flight, **tls)
+            manager = urllib3.PoolManager(num_pools=1, maxsize=pool_size, **tls)
         self._manager = manager
         self._pool = manager.connection_from_url(base)
         # Every connection of the pool answers to the watchdog (an instance
@@ -206,7 +208,7 @@ class Transport:
                 status, retry_after, data = self._exchange(body, deadline)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             if watch.expired:
-                detail = f"TimeoutError: timed out after {budget:g} s (request_timeout)"
+                detail = f"TimeoutError: timed out after {budget:.3g} s"
             else:
                 root = _root_cause(exc)
                 detail = f"{type(root).__name__}: {_describe(root)}"

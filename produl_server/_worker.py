@@ -33,7 +33,7 @@ from typing import Any
 
 import attrs
 
-from ._config import MAX_SECONDS, Config, mask_key
+from ._config import MAX_SECONDS, Config, exit_lanes, mask_key
 from ._durable import Outbox, make_quota, open_outbox
 from ._ledger import Ledger, Stats
 from ._redis import FleetOutbox, open_fleet
@@ -438,8 +438,11 @@ class ThreadSender:
         self._lanes: list[threading.Thread] = []
         #: Set when a lane could not start (interpreter exit): no more tries.
         self._no_new_lanes = False
-        #: Smoothed seconds per request, to size the lanes.
+        #: Set by close(): a lane started after it is ended at once.
+        self._closed = False
+        #: Smoothed seconds per request, to size the lanes, and the last one.
         self._latency = 0.0
+        self._last_latency = 0.0
         #: When to look in the spool next (at once: on start).
         self._spool_next = 0.0
         self.thread = threading.Thread(target=self._run, name="produl-server.sender", daemon=True)
@@ -453,10 +456,15 @@ class ThreadSender:
 
     def close(self) -> None:
         """End the lanes and the delivery, reporting what is left (any thread)."""
+        self._closed = True
         for _lane in list(self._lanes):
             self._jobs.put(None)
         pending, in_flight = self.leftovers()
         self._core.finish(pending + in_flight, frozenset(item.seq for item in in_flight))
+
+    def closing(self) -> bool:
+        """Whether :meth:`close` has run (read anew each time, from any thread)."""
+        return self._closed
 
     def leftovers(self) -> tuple[list[Item], list[Item]]:
         """What is still in our hands, waiting and in flight (read from any thread)."""
@@ -614,18 +622,39 @@ class ThreadSender:
 
         With a backlog at real latency, up to ``max_in_flight``; without one,
         or on a fast link, one, so one kept-alive connection carries it all.
+        While the process exits, more: see :meth:`_exit_lanes`.
         """
         core = self._core
         backlog = len(core.pending) + core.queue.qsize()
-        if backlog <= core.config.flush_at or self._latency < LANE_LATENCY:
+        latency = max(self._latency, self._last_latency)
+        if latency < LANE_LATENCY:
             return 1
-        wanted = min(core.config.max_in_flight, math.ceil(self._latency / LANE_LATENCY))
+        if self.deadline is not None and core.config.max_in_flight > 1:
+            wanted = self._exit_lanes(backlog, latency, self.deadline)
+        elif backlog <= core.config.flush_at:
+            return 1
+        else:
+            wanted = min(core.config.max_in_flight, math.ceil(latency / LANE_LATENCY))
         if self._no_new_lanes:
             wanted = min(wanted, len(self._lanes))
         return max(1, wanted)
 
+    def _exit_lanes(self, backlog: int, latency: float, deadline: float) -> int:
+        """Lanes while exiting: enough to send the backlog in half the time left.
+
+        Half, for a margin (the ramp, slower answers, visitors with many
+        events in a row), up to :func:`~._config.exit_lanes`. Lanes already
+        running stay in use to the end, the last few events included: the
+        time left shrinks with the backlog, so "just enough" never finishes.
+        """
+        config = self._core.config
+        left = max(deadline - self._core.clock(), 0.002)
+        needed = math.ceil(backlog * latency / (left / 2))
+        normal = min(config.max_in_flight, math.ceil(latency / LANE_LATENCY))
+        return min(max(needed, normal, len(self._lanes)), exit_lanes(config.max_in_flight))
+
     def _grow_lanes(self, wanted: int) -> None:
-        while len(self._lanes) < wanted and not self._no_new_lanes:
+        while len(self._lanes) < wanted and not (self._no_new_lanes or self._closed):
             lane = threading.Thread(
                 target=self._lane, name=f"produl-server.sender-{len(self._lanes) + 1}", daemon=True
             )
@@ -637,6 +666,11 @@ class ThreadSender:
                 self._no_new_lanes = True
                 return
             self._lanes.append(lane)
+            if self.closing():
+                # close() ran on another thread meanwhile and may not have
+                # seen this lane: end it too (an extra None is harmless).
+                self._jobs.put(None)
+                return
 
     def _lane(self) -> None:
         """An extra connection: sends what the sender hands it, reports back."""
@@ -654,7 +688,8 @@ class ThreadSender:
         core = self._core
         started = core.clock()
         outcome = core.attempt(transport, item, timeout)
-        self._latency += (core.clock() - started - self._latency) * 0.2
+        self._last_latency = core.clock() - started
+        self._latency += (self._last_latency - self._latency) * 0.2
         return outcome
 
     def _settle_done(self) -> None:

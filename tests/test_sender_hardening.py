@@ -284,3 +284,27 @@ def test_a_script_that_tracks_1000_events_and_ends_delivers_them_all():
         assert "not delivered" not in result.stderr
         assert sorted(e["pr"]["i"] for e in collector.events) == list(range(1000))
         assert 429 not in [r.status for r in collector.requests]
+
+
+def test_a_script_ending_with_a_backlog_at_real_latency_delivers_it_all_at_exit():
+    # 400 events and 100 ms a request: 4 lanes send 40 a second, so before
+    # the exit opened more lanes (issue #22, P8) some 200 were lost at the
+    # 5 s deadline. 32 lanes need about 1.3 s.
+    from produl_server.testing import LocalCollector
+
+    with LocalCollector(rate_limit=2000) as collector:
+        collector.latency = 0.1
+        result = run_script(
+            """
+            from produl_server import Produl
+            produl = Produl()
+            for i in range(400):
+                produl.track_event("e", {"i": i}, visitor_id=f"v{i % 97}")
+            """,
+            ("PRODUL_SERVER_KEY", collector.server_key),
+            ("PRODUL_API_URL", collector.url),
+        )
+        assert result.returncode == 0, result.stderr
+        assert "not delivered" not in result.stderr
+        assert sorted(e["pr"]["i"] for e in collector.events) == list(range(400))
+        assert 429 not in [r.status for r in collector.requests]
