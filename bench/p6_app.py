@@ -9,11 +9,15 @@ variant (in turn first), warms it up for a second, then measures. The
 collector enforces the real quota, so during a run produl queues and paces,
 as it would in a busy app.
 
-The first figure is the CPU time gunicorn's processes (master and worker,
-from ``/proc``) spend per answered request: the overhead the app itself
-pays, sender thread included, and far less sensitive to other load on a
-shared 2-core machine than requests per second, the second figure. Both
-ratios are tracked / untracked, paired repeat by repeat.
+Three variants run in turn: untracked; the floor, which per request does
+only ``json.dumps`` of the same event and ``Queue.put`` (what any SDK that
+encodes on the caller's thread pays at least); and tracked. The judged
+figure is the CPU time gunicorn's processes (master and worker, from
+``/proc``) spend per answered request, tracked against the floor, paired
+repeat by repeat: what produl costs beyond the cheapest possible design,
+counting everything (the call, the sender thread, GC, memory). It is far
+less sensitive to other load on a shared 2-core machine than requests per
+second, which is reported, as is the ratio to the untracked app.
 
 The pacer lets a fresh client send a whole window's quota (2,000 requests)
 at once; with a backlog, the next 2,000 go as those leave the window, 61 s
@@ -39,16 +43,16 @@ from typing import Any
 
 from bench import _overhead, _own, _proc
 from bench._collector import CollectorProcess
-from bench._overhead import CONNECTIONS, PLAIN, TRACKED
+from bench._overhead import CONNECTIONS, FLOOR, PLAIN, TRACKED
 from bench._report import Line, Result, Sizes
 from bench._stats import Summary
 
 #: The collector's quota, and so the sends in one window.
 QUOTA = 2000
-#: The issue's targets: CPU per request first (far less sensitive to other
-#: load on a shared machine), requests per second second.
-CPU_TARGET = 1.03
-RPS_TARGET = 0.97
+#: The target (issue #22): CPU per request with produl at most 1.05x the
+#: same app doing only the floor (json+put of the same event), paired by
+#: repeat, median. Against the untracked app, and requests/s: reported.
+CPU_TARGET = 1.05
 _WARMUP_SECONDS = 1.0
 #: The longest wait for a tracked client's first window to be sent.
 _FIRST_WINDOW_TIMEOUT = 60.0
@@ -210,13 +214,14 @@ def measure_one(base: str, pid: int, seconds: float) -> dict[str, Any]:
 
 
 def measure(sizes: Sizes) -> dict[str, Any]:
-    """Alternate fresh untracked and tracked servers under the same load."""
-    runs: dict[str, list[dict[str, Any]]] = {PLAIN: [], TRACKED: []}
+    """Alternate fresh untracked, floor and tracked servers under the same load."""
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in _overhead.VARIANTS}
     with CollectorProcess(rate_limit=2000) as collector:
         for repeat in range(sizes.p6_repeats):
             for variant in _overhead.order(repeat):
                 done = runs[variant]
-                server = _Gunicorn(variant == TRACKED, collector)
+                track = {PLAIN: False, FLOOR: "floor", TRACKED: True}[variant]
+                server = _Gunicorn(track, collector)
                 try:
                     server.wait_ready()
                     result = measure_one(server.base, server.proc.pid, sizes.p6_seconds)
@@ -249,8 +254,8 @@ def _own_line(runs: dict[str, list[dict[str, Any]]], plain_cpu: Summary, clean: 
         f"untracked {plain_cpu.show('µs', 3)}",
         "",
         f"{counted.median:.3f}x ({counted.low:.3f}..{counted.high:.3f}) untracked",
-        f"≤ {CPU_TARGET:.2f}x untracked",
-        counted.median <= CPU_TARGET and clean,
+        "(reported)",
+        None,
     )
 
 
@@ -273,18 +278,29 @@ def run(sizes: Sizes) -> Result:
     tracked = Summary.of([r["rps"] for r in runs[TRACKED]])
     rps = _overhead.paired_rps_ratio(runs)
     cpu = {variant: _overhead.cpu_per_request(rs) for variant, rs in runs.items()}
-    paired = _overhead.paired_cpu_ratio(runs)
+    paired = _overhead.paired_cpu_ratio(runs, FLOOR)
+    untracked = _overhead.paired_cpu_ratio(runs)
     dropped, errors = _overhead.clean(runs)
     lines = [
         Line(
             "P6",
             "Flask + gunicorn CPU per request (master + worker), 1 event each",
             cpu[TRACKED].show("µs", 3),
+            f"floor app (json+put) {cpu[FLOOR].show('µs', 3)}",
+            "",
+            f"{paired.median:.3f}x ({paired.low:.3f}..{paired.high:.3f}) floor",
+            f"≤ {CPU_TARGET:.2f}x floor",
+            paired.median <= CPU_TARGET and dropped == 0 and errors == 0,
+        ),
+        Line(
+            "P6",
+            "the same, against the untracked app",
+            cpu[TRACKED].show("µs", 3),
             f"untracked {cpu[PLAIN].show('µs', 3)}",
             "",
-            f"{paired.median:.3f}x ({paired.low:.3f}..{paired.high:.3f}) untracked",
-            f"≤ {CPU_TARGET:.2f}x untracked",
-            paired.median <= CPU_TARGET and dropped == 0 and errors == 0,
+            f"{untracked.median:.3f}x ({untracked.low:.3f}..{untracked.high:.3f}) untracked",
+            "(reported)",
+            None,
         ),
         Line(
             "P6",
@@ -293,8 +309,8 @@ def run(sizes: Sizes) -> Result:
             f"untracked {plain.show('req/s', 3)}",
             "",
             f"{rps.median:.1%} ({rps.low:.1%}..{rps.high:.1%}) of untracked",
-            f"≥ {RPS_TARGET:.0%} of untracked",
-            rps.median >= RPS_TARGET and dropped == 0 and errors == 0,
+            "(reported)",
+            None,
         ),
         _own_line(runs, cpu[PLAIN], dropped == 0 and errors == 0),
     ]
