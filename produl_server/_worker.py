@@ -38,6 +38,7 @@ from ._durable import Outbox, make_quota, open_outbox
 from ._ledger import Ledger, Stats
 from ._redis import FleetOutbox, open_fleet
 from ._schedule import Quota, Schedule, Verdict
+from ._spool import Census
 from ._transport import Outcome, Transport
 from ._transport import Verdict as Answer
 from .exceptions import DeliveryError
@@ -137,6 +138,8 @@ class _Core:
         self._finished_event = threading.Event()
         self.last_enqueue = 0.0
         self.first_enqueue = 0.0
+        #: What the last failed attempt said, for the loss line and the CLI.
+        self.last_failure = ""
 
     def get_transport(self) -> Transport:
         if self.transport is None:
@@ -176,6 +179,7 @@ class _Core:
             self._unspool(item)
             return False
         now = self.clock()
+        self.last_failure = outcome.detail
         verdict, pause, item.failing_since = self.schedule.failed(
             now,
             rate_limited=outcome.reason == "rate_limited",
@@ -343,14 +347,16 @@ class _Core:
                 if self.outbox is None
                 else f"The spool ({self.outbox.directory}) could not take them"
             )
+            cause = f". The last attempt failed: {self.last_failure}" if self.last_failure else ""
             log.warning(
                 "produl_server: %d event(s) not delivered before the shutdown deadline; "
-                "they are lost%s. %s",
+                "they are lost%s. %s%s",
                 left,
                 f" ({unsure} of them had a request under way, and may have arrived)"
                 if unsure
                 else "",
                 remedy,
+                cause,
             )
             error = DeliveryError("shutdown", "not delivered before the shutdown deadline")
             for item in sorted(leftovers, key=lambda item: item.seq):
@@ -950,7 +956,12 @@ class Worker:
     def stats(self) -> Stats:
         """A snapshot of the counters."""
         quota = self._core.schedule.quota
-        return attrs.evolve(self._core.ledger.stats(), quota=quota.kind, quota_used=quota.used)
+        return attrs.evolve(
+            self._core.ledger.stats(),
+            quota=quota.kind,
+            quota_used=quota.used,
+            quarantined=getattr(self._outbox, "quarantined", 0),
+        )
 
     def drain_spool(self, timeout: float, progress: Callable[[int], object] | None = None) -> int:
         """Deliver the spool's events until it is empty or *timeout*; return what is left.
@@ -979,6 +990,19 @@ class Worker:
     def spool_count(self) -> int:
         """Events in the spool now (0 without one); before shutdown, which closes it."""
         return 0 if self._outbox is None else self._outbox.count()
+
+    def spool_census(self) -> Census | None:
+        """What the spool holds for this key and for others (None without a spool)."""
+        return None if self._outbox is None else self._outbox.census()
+
+    def adopt_unowned(self) -> int:
+        """Make this key's the spooled events of its URL that no key owns."""
+        return 0 if self._outbox is None else self._outbox.adopt_unowned()
+
+    @property
+    def last_failure(self) -> str:
+        """What the last failed attempt said ("" if none failed)."""
+        return self._core.last_failure
 
     def _start(self) -> ThreadSender | None:
         with self._start_lock:
