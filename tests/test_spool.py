@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import signal
-import logging
 import sqlite3
 import subprocess
 import sys

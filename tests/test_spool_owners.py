@@ -103,7 +103,8 @@ def test_drain_for_another_api_url_says_what_it_left_and_refuses_a_missing_spool
         assert "3 event(s) of other API URLs or keys left untouched" in other.stdout
         typo = run_drain(collector, KEY_A, "--spool", spool + "-typo")
         assert typo.returncode == 2
-        assert "no spool at" in typo.stderr and "no such directory" in typo.stderr
+        assert "no spool at" in typo.stderr
+        assert "no such directory" in typo.stderr
         assert not os.path.exists(spool + "-typo")  # nothing created at the typo
         empty_dir = tmp_path / "empty"
         empty_dir.mkdir()
@@ -118,7 +119,8 @@ def test_a_bad_row_goes_to_the_quarantine_and_the_good_ones_are_sent(tmp_path):
         with db:
             # A body stored as TEXT, between the valid rows (by id order).
             db.execute(
-                "UPDATE events SET body = CAST(body AS TEXT) WHERE id = (SELECT min(id) + 1 FROM events)"
+                "UPDATE events SET body = CAST(body AS TEXT)"
+                " WHERE id = (SELECT min(id) + 1 FROM events)"
             )
         db.close()
         drained = run_drain(collector, KEY_A, "--spool", str(spool))
