@@ -145,6 +145,10 @@ class Outbox:
             self._report(exc)
             return 0
 
+    def problem(self) -> str | None:
+        """Why the spool's contents cannot be told now, or None (SQLite: never)."""
+        return None
+
     def census(self) -> Census | None:
         """What the spool holds for this key and for others (None if it cannot tell)."""
         try:

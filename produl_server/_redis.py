@@ -152,7 +152,6 @@ class RedisLink:
             )
         except ValueError as exc:
             raise ConfigurationError(f"redis_url {mask_url(url)} is not usable: {exc}") from None
-        self._errors: tuple[type[BaseException], ...] = (module.RedisError, OSError)
         self._clock = clock
         self._meanwhile = meanwhile
         self._lock = threading.Lock()
@@ -180,7 +179,10 @@ class RedisLink:
             raise RedisDownError
         try:
             result = action(self.client)
-        except self._errors as exc:
+        except Exception as exc:
+            # Not only RedisError and OSError: a server that answers +OK (or
+            # anything else) to every command makes the replies fail to parse
+            # (ValueError, TypeError...). Such a Redis counts as down.
             self._failed(exc)
             raise RedisDownError from None
         if self._retry_at is not None:
@@ -536,6 +538,10 @@ class FleetOutbox:
         except RedisDownError:
             remote = 0
         return remote + (0 if self.local is None else self.local.count())
+
+    def problem(self) -> str | None:
+        """Why the spool's contents cannot be told now (Redis is down), or None."""
+        return None if self.link.answered_last else f"{self.link.where} does not answer"
 
     def census(self) -> Census | None:
         """What Redis (and the local spool) hold for this key and for others."""

@@ -995,6 +995,10 @@ class Worker:
         """What the spool holds for this key and for others (None without a spool)."""
         return None if self._outbox is None else self._outbox.census()
 
+    def spool_problem(self) -> str | None:
+        """Why the spool cannot be read now (Redis down), or None."""
+        return None if self._outbox is None else self._outbox.problem()
+
     def adopt_unowned(self) -> int:
         """Make this key's the spooled events of its URL that no key owns."""
         return 0 if self._outbox is None else self._outbox.adopt_unowned()

@@ -379,6 +379,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
         # through the shutdown, which hands unsent claims back.
         left = worker.spool_count()
         census = worker.spool_census()
+        problem = worker.spool_problem()
     finally:
         client.shutdown()
         if show is not None:
@@ -386,6 +387,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
     sent = client.stats.sent
     where = mask_url(client.config.api_url)
     notes = _drain_notes(census, adopted)
+    if problem is not None:
+        raise CommandError(f"{problem}: cannot tell what is still spooled after {sent} sent")
     if left:
         place = " and ".join(
             str(place)
