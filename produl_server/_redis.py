@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._config import Config, key_fingerprint, mask_url
+from ._deadlines import Deadlines
 from ._durable import SPOOL_BATCH, Outbox, lease_from_env
 from ._schedule import QUOTA_WINDOW, Quota
 from ._spool import Census, SpooledEvent
@@ -58,6 +59,9 @@ T = TypeVar("T")
 
 #: Seconds allowed to connect to Redis and for each answer.
 TIMEOUT = 0.5
+#: The longest one call to Redis may take as a whole (connect, send, every
+#: read): past it the watchdog closes its connection, and Redis counts as down.
+CALL_DEADLINE = 4 * TIMEOUT
 #: While Redis does not answer, try it again this often (seconds).
 RETRY_EVERY = 5.0
 #: Events the Redis spool holds at most, per ``api_url``.
@@ -115,6 +119,9 @@ def spool_key(api_url: str, owner: str | None = None) -> str:
     which no client takes by itself.
     """
     return _prefix(api_url) + ("spool" if owner is None else f"spool:{owner}")
+
+
+_DEADLINES = Deadlines("produl-server.redis-deadlines")
 
 
 class RedisDownError(Exception):
@@ -177,20 +184,29 @@ class RedisLink:
         """
         if not self.up:
             raise RedisDownError
+        watch = _DEADLINES.start(CALL_DEADLINE, self._cut)
         try:
             result = action(self.client)
-        except Exception as exc:
+        except Exception:
             # Not only RedisError and OSError: a server that answers +OK (or
             # anything else) to every command makes the replies fail to parse
             # (ValueError, TypeError...). Such a Redis counts as down.
+            if watch.expired:
+                exc = TimeoutError(f"no whole answer within {CALL_DEADLINE:g} s")
             self._failed(exc)
             raise RedisDownError from None
+        finally:
+            _DEADLINES.stop(watch)
         if self._retry_at is not None:
             with self._lock:
                 was_down, self._retry_at = self._retry_at is not None, None
             if was_down:
                 log.info("produl_server: %s answers again; using it", self.where)
         return result
+
+    def _cut(self) -> None:
+        """End the calls under way: a reply trickling in is no answer."""
+        self.client.connection_pool.disconnect(inuse_connections=True)
 
     def _failed(self, exc: BaseException) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import threading
+import time
 
 from test_spool_owners import KEY_A, KEY_B, bodies_sent_with, run_drain, spool_three
 
@@ -146,3 +147,66 @@ def test_a_redis_that_answers_nonsense_counts_as_down(caplog):
     finally:
         nonsense.close()
     assert "does not answer" in caplog.text
+
+
+class _DrippingRelay:
+    """Forwards to a real Redis, and its answers back one byte every 0.2 s."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
+        self.stopping = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pipe, args=(conn, upstream, 0), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, conn, 0.2), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, target: socket.socket, pause: float) -> None:
+        with contextlib.suppress(OSError):
+            while not self.stopping.is_set():
+                data = source.recv(65536)
+                if not data:
+                    break
+                for index in range(len(data)) if pause else [None]:
+                    if index is None:
+                        target.sendall(data)
+                    elif not self.stopping.wait(pause):
+                        target.sendall(data[index : index + 1])
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.sock.close()
+
+
+def test_a_redis_that_drips_its_answers_counts_as_down_and_shutdown_is_bounded(redis_server):
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    relay = _DrippingRelay(port)
+    try:
+        with LocalCollector(server_key=KEY_A) as collector:
+            client = Produl(
+                server_key=KEY_A, api_url=collector.url, redis_url=relay.url, shutdown_timeout=2
+            )
+            for i in range(5):
+                client.track_event("e", {"i": i}, visitor_id=f"v{i}")
+            assert client.flush(timeout=20)
+            assert sorted(e["pr"]["i"] for e in collector.events) == [0, 1, 2, 3, 4]
+            client.track_event("late", visitor_id="v")
+            started = time.monotonic()
+            client.shutdown()
+            # shutdown_timeout (2 s) and one bounded Redis call, not 90 s.
+            assert time.monotonic() - started < 10
+    finally:
+        relay.close()
