@@ -176,24 +176,29 @@ class RedisLink:
         """Whether the last call to Redis, by anyone, was answered."""
         return self._retry_at is None
 
-    def call(self, action: Callable[[redis.Redis], T]) -> T:
+    def call(self, action: Callable[[redis.Redis], T], *, now: bool = False) -> T:
         """Run *action* with the client.
+
+        Args:
+            action: What to do with the client.
+            now: Try Redis even if it failed a moment ago (a final count).
 
         Raises:
             RedisDownError: Redis failed now, or a moment ago (not tried again yet).
         """
-        if not self.up:
+        if not (now or self.up):
             raise RedisDownError
         watch = _DEADLINES.start(CALL_DEADLINE, self._cut)
         try:
             result = action(self.client)
-        except Exception:
+        except Exception as exc:
             # Not only RedisError and OSError: a server that answers +OK (or
             # anything else) to every command makes the replies fail to parse
             # (ValueError, TypeError...). Such a Redis counts as down.
+            cause: BaseException = exc
             if watch.expired:
-                exc = TimeoutError(f"no whole answer within {CALL_DEADLINE:g} s")
-            self._failed(exc)
+                cause = TimeoutError(f"no whole answer within {CALL_DEADLINE:g} s")
+            self._failed(cause)
             raise RedisDownError from None
         finally:
             _DEADLINES.stop(watch)
@@ -562,7 +567,7 @@ class FleetOutbox:
     def census(self) -> Census | None:
         """What Redis (and the local spool) hold for this key and for others."""
         try:
-            remote: Census | None = self.link.call(self.spool.census)
+            remote: Census | None = self.link.call(self.spool.census, now=True)
         except RedisDownError:
             remote = None
         local = None if self.local is None else self.local.census()

@@ -100,6 +100,7 @@ class _NonsenseRedis:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
         self.stopping = threading.Event()
+        self.opened: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -111,10 +112,11 @@ class _NonsenseRedis:
                 continue
             except OSError:
                 return  # closed
+            self.opened.append(conn)
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     def _answer(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
             conn.settimeout(10)
             while not self.stopping.is_set():
                 data = conn.recv(65536)
@@ -127,6 +129,10 @@ class _NonsenseRedis:
     def close(self) -> None:
         self.stopping.set()
         self.sock.close()
+        for opened in self.opened:
+            with contextlib.suppress(OSError):
+                opened.shutdown(socket.SHUT_RDWR)
+            opened.close()
 
 
 def test_a_redis_that_answers_nonsense_counts_as_down(caplog):
@@ -157,6 +163,7 @@ class _DrippingRelay:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
         self.stopping = threading.Event()
+        self.opened: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -169,6 +176,7 @@ class _DrippingRelay:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            self.opened += [conn, upstream]
             threading.Thread(target=self._pipe, args=(conn, upstream, 0), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, conn, 0.2), daemon=True).start()
 
@@ -189,6 +197,10 @@ class _DrippingRelay:
     def close(self) -> None:
         self.stopping.set()
         self.sock.close()
+        for opened in self.opened:
+            with contextlib.suppress(OSError):
+                opened.shutdown(socket.SHUT_RDWR)
+            opened.close()
 
 
 def test_a_redis_that_drips_its_answers_counts_as_down_and_shutdown_is_bounded(redis_server):
