@@ -70,7 +70,8 @@ def _bounded(timeout: float | None) -> float | None:
         return None
     if not timeout > 0:  # NaN, 0, negative
         return 0.0
-    return min(float(timeout), MAX_SECONDS)
+    # Compared before float(): an int like 10**400 has no float.
+    return MAX_SECONDS if timeout >= MAX_SECONDS else float(timeout)
 
 
 class Item:
@@ -264,8 +265,10 @@ class _Core:
         An event given up at the shutdown deadline meanwhile was reported then.
         """
         if not self.ledger.is_handled(item.seq):
-            self.report(item, reason, message, status)
-            self.ledger.finish(item.seq, reason)
+            try:
+                self.report(item, reason, message, status)
+            finally:  # whatever the hook raised, the event is settled
+                self.ledger.finish(item.seq, reason)
 
     def report(self, item: Item, reason: str, message: str, status: int | None = None) -> None:
         """Log a dropped event and hand it to the on_error hook."""
@@ -287,16 +290,23 @@ class _Core:
     def call_hook(self, error: DeliveryError, event: Item | dict[str, Any]) -> None:
         """Hand one problem to the user's ``on_error`` hook; survive anything it raises.
 
-        The wire dict is built only here, only when there is a hook. A hook
-        that raises ``SystemExit`` cannot end the sender either.
+        The wire dict is built only here, only when there is a hook. Nothing
+        a hook raises ends the sender, not even ``SystemExit``,
+        ``KeyboardInterrupt`` or ``GeneratorExit``: it is logged, and delivery
+        goes on. Only on the main thread does a ``KeyboardInterrupt`` go on up
+        to the caller (it may be a real Ctrl-C), once the event is settled.
         """
         hook = self.config.on_error
         if hook is None:
             return
         try:
             hook(error, json.loads(event.body) if isinstance(event, Item) else event)
-        except (Exception, SystemExit):
+        except BaseException as exc:
             log.exception("produl_server: the on_error hook raised; delivery goes on")
+            if isinstance(exc, KeyboardInterrupt) and (
+                threading.current_thread() is threading.main_thread()
+            ):
+                raise
 
     # -- the end -----------------------------------------------------------
 
