@@ -835,24 +835,25 @@ class Worker:
             sender.wake.set()
 
     def _overflow(self, item: Item) -> None:
-        """The queue is full: spool the event, or drop it and say so."""
+        """The queue is full: spool the event, or drop it and say so.
+
+        With a sender thread, the event waits (at most ``max_queue_size`` of
+        them) for the sender to spool it: this thread never waits on the
+        spool, neither on Redis nor on SQLite's lock held by another process
+        (issue #18). In ``sync_mode`` the caller spools it itself.
+        """
         core = self._core
         sender = self._sender
-        if (
-            isinstance(core.outbox, FleetOutbox)
-            and sender is not None
-            and len(core.overflow) < self._config.max_queue_size
-        ):
-            # For Redis, through the sender: this thread never talks to it.
-            core.overflow.append(item)
-            if len(core.overflow) == 1:
-                sender.wake.set()
-            self._warn_full(
-                "produl_server: the queue is full (%d events); new events are spooled",
-                self._config.max_queue_size,
-            )
-            return
-        if core.spool([item], caller=True):
+        spooled = False
+        if sender is not None:
+            if len(core.overflow) < self._config.max_queue_size:
+                core.overflow.append(item)
+                if len(core.overflow) == 1:
+                    sender.wake.set()
+                spooled = True
+        elif core.spool([item], caller=True):
+            spooled = True
+        if spooled:
             self._warn_full(
                 "produl_server: the queue is full (%d events); new events are spooled",
                 self._config.max_queue_size,
