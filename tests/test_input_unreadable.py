@@ -1,4 +1,4 @@
-"""User objects whose own code raises while read are invalid input, never a crash (issue #18 item 9)."""
+"""User objects whose own code raises while read: invalid input, never a crash (#18, item 9)."""
 
 from __future__ import annotations
 
