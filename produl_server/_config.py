@@ -151,9 +151,18 @@ def _refuse_key_character(key: str) -> None:
     )
 
 
-def mask_url(url: str) -> str:
-    """Show a URL with the password in its userinfo masked, for messages and reprs.
+#: Query parameters whose value is a secret: redis-py logs in with
+#: ``?password=``, and other clients read tokens the same way.
+_SECRET_PARAMETERS = frozenset(
+    {"password", "passwd", "pass", "pwd", "secret", "token", "access_token", "auth", "key"}
+)
 
+
+def mask_url(url: str) -> str:
+    """Show a URL with its secrets masked, for messages and reprs.
+
+    Masks the password in its userinfo, and the value of every query
+    parameter named like a secret (``password``, ``token``, ``auth``...).
     Everything between ``//`` and the last ``@`` counts as userinfo, so a
     password with an unescaped ``/``, ``#`` or ``@`` is masked whole too.
 
@@ -161,16 +170,25 @@ def mask_url(url: str) -> str:
         url: A URL, valid or not.
 
     Returns:
-        For example ``http://u:***@h:3128``; a user name alone (it may be a
-        token) becomes ``***``. A URL without ``@`` is returned unchanged.
+        For example ``http://u:***@h:3128`` or ``redis://h:6379/0?password=***``;
+        a user name alone (it may be a token) becomes ``***``.
     """
     end = url.rfind("@")
-    if end < 0:
+    if end >= 0:
+        start = url.find("//")
+        start = start + 2 if 0 <= start < end else 0
+        user, colon, _password = url[start:end].partition(":")
+        url = url[:start] + (f"{user}:***" if colon else "***") + url[end:]
+    base, question, query = url.partition("?")
+    if not question:
         return url
-    start = url.find("//")
-    start = start + 2 if 0 <= start < end else 0
-    user, colon, _password = url[start:end].partition(":")
-    return url[:start] + (f"{user}:***" if colon else "***") + url[end:]
+    query, hash_, fragment = query.partition("#")
+    parts = []
+    for part in query.split("&"):
+        name, equals, _value = part.partition("=")
+        secret = unquote(name).strip().lower() in _SECRET_PARAMETERS
+        parts.append(f"{name}=***" if secret and equals else part)
+    return f"{base}?{'&'.join(parts)}{hash_}{fragment}"
 
 
 def _check_url(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:

@@ -24,10 +24,10 @@ from typing import Any
 
 from urllib3.util import parse_url
 
-from ._config import MAX_SECONDS, Config, is_loopback, mask_url
+from ._config import MAX_SECONDS, Config, is_loopback, key_fingerprint, mask_url
 from ._hostquota import HostQuota
 from ._schedule import Quota, RollingQuota
-from ._spool import Spool, SpooledEvent, SpoolError
+from ._spool import Census, Spool, SpooledEvent, SpoolError
 from .exceptions import ConfigurationError
 
 log = logging.getLogger("produl_server")
@@ -92,6 +92,8 @@ class Outbox:
         self.spool = spool
         self.lease = lease
         self.directory = str(spool.directory)
+        #: Rows this outbox moved to the quarantine.
+        self.quarantined = 0
         self._reported: set[str] = set()
 
     def keep(self, items: Iterable[tuple[bytes, str | None]], *, caller: bool = False) -> int:
@@ -110,10 +112,17 @@ class Outbox:
     def take(self) -> list[SpooledEvent]:
         """Claim the next few spooled events for this sender."""
         try:
-            return self.spool.claim(SPOOL_BATCH, self.lease)
+            events = self.spool.claim(SPOOL_BATCH, self.lease)
         except SpoolError as exc:
             self._report(exc)
             return []
+        for reason in self.spool.quarantined_now:
+            self.quarantined += 1
+            self._report_once(
+                f"a spooled event cannot be sent ({reason}); it was moved to the quarantine "
+                f"table of {self.spool.path}, and the others go on"
+            )
+        return events
 
     def done(self, ids: list[Any]) -> None:
         """Remove delivered (or refused) events."""
@@ -136,6 +145,26 @@ class Outbox:
             self._report(exc)
             return 0
 
+    def problem(self) -> str | None:
+        """Why the spool's contents cannot be told now, or None (SQLite: never)."""
+        return None
+
+    def census(self) -> Census | None:
+        """What the spool holds for this key and for others (None if it cannot tell)."""
+        try:
+            return self.spool.census()
+        except SpoolError as exc:
+            self._report(exc)
+            return None
+
+    def adopt_unowned(self) -> int:
+        """Make this key's the events of its URL that no key owns; return how many."""
+        try:
+            return self.spool.adopt_unowned()
+        except SpoolError as exc:
+            self._report(exc)
+            return 0
+
     def after_fork_in_child(self) -> None:
         self.spool.after_fork_in_child()
 
@@ -144,8 +173,10 @@ class Outbox:
         self.spool.close()
 
     def _report(self, exc: SpoolError) -> None:
+        self._report_once(str(exc))
+
+    def _report_once(self, text: str) -> None:
         # One line per distinct cause: a full disk fails every write.
-        text = str(exc)
         if text not in self._reported:
             self._reported.add(text)
             log.error("produl_server: %s", text)
@@ -182,7 +213,8 @@ def open_outbox(config: Config) -> Outbox | None:
         return None
     lease = lease_from_env()
     try:
-        return Outbox(Spool(config.spool_dir, config.api_url), lease)
+        owner = key_fingerprint(config.server_key)
+        return Outbox(Spool(config.spool_dir, config.api_url, owner), lease)
     except SpoolError as exc:
         raise ConfigurationError(
             f"spool_dir cannot be used for {mask_url(config.api_url)}: {exc}"

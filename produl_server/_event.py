@@ -131,6 +131,8 @@ def _ident(field: str, value: object) -> str:
             text = str(value)
         except ValueError:  # an int over sys.get_int_max_str_digits() digits
             raise InvalidEventError(field, _too_large()) from None
+        except Exception as exc:  # a subclass whose __str__ raises
+            raise InvalidEventError(field, _raised_reading(exc)) from exc
         return _string(field, text, 1, MAX_ID)
     return _string(field, value, 1, MAX_ID)
 
@@ -171,7 +173,10 @@ def _clean_mapping(value: Mapping[Any, Any], depth: int, active: set[int]) -> di
     out = {}
     for key, item in value.items():
         if type(key) is not str:
-            shown = _short_repr(key)
+            try:
+                shown = _short_repr(key)
+            except Exception:
+                shown = f"<a {type(key).__name__}>"
             error = _PathError(
                 f"keys must be str, not {type(key).__name__} ({shown})", type_error=True
             )
@@ -182,6 +187,10 @@ def _clean_mapping(value: Mapping[Any, Any], depth: int, active: set[int]) -> di
         except _PathError as error:
             error.segments.append(_segment(key))
             raise
+        except Exception as exc:  # the user's own object raised while read
+            unreadable = _PathError(_raised_reading(exc), type_error=True)
+            unreadable.segments.append(_segment(key))
+            raise unreadable from exc
     return out
 
 
@@ -193,6 +202,10 @@ def _clean_sequence(value: list[Any] | tuple[Any, ...], depth: int, active: set[
         except _PathError as error:
             error.segments.append(f"[{index}]")
             raise
+        except Exception as exc:  # the user's own object raised while read
+            unreadable = _PathError(_raised_reading(exc), type_error=True)
+            unreadable.segments.append(f"[{index}]")
+            raise unreadable from exc
     return out
 
 
@@ -219,15 +232,22 @@ def _convert(value: Any) -> Any:
     )
 
 
-def _decimal(value: decimal.Decimal) -> int | float | str:
+def _decimal(value: decimal.Decimal) -> int | float:
+    """One rule for every Decimal: a JSON number, so a property keeps one type.
+
+    A whole value becomes an int (``Decimal("49.00")`` is ``49``), any other
+    the nearest float (``Decimal("4.90")`` is ``4.9``): the same column can
+    then be summed on a dashboard. A value a float cannot hold (beyond about
+    1e308) is refused; send it as a str if its digits matter.
+    """
     if not value.is_finite():
         raise _PathError(f"Decimal {value} is not a finite number", type_error=False)
     if value == value.to_integral_value():
         return int(value)
     as_float = float(value)
-    # Exact when the float converts back to the same Decimal; else keep
-    # every digit as a string rather than round money silently.
-    return as_float if decimal.Decimal(as_float) == value else str(value)
+    if as_float - as_float != 0.0:
+        raise _PathError(f"Decimal {value} is too large for a JSON number", type_error=False)
+    return as_float
 
 
 def _properties(value: object) -> dict[str, Any]:
@@ -247,9 +267,21 @@ def _properties(value: object) -> dict[str, Any]:
     try:
         return _clean_mapping(value, 1, {id(value)})
     except _PathError as error:
-        raise error.to_invalid() from None
+        raise error.to_invalid() from error.__cause__
     except RecursionError:
         raise InvalidEventError("properties", "nested too deeply") from None
+    except Exception as exc:  # the mapping itself raised while read (items(), ...)
+        raise InvalidEventError("properties", _raised_reading(exc)) from exc
+
+
+def _raised_reading(exc: BaseException) -> str:
+    """The rule for a value whose own code raised while it was read."""
+    try:
+        text = str(exc)[:100]
+    except Exception:
+        text = ""
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"could not be read ({detail}); pass plain str, int, float, bool, list or dict values"
 
 
 def _short_repr(value: object) -> str:

@@ -81,6 +81,7 @@ import tempfile
 import threading
 import time
 
+from ._private import RefusedError, check_private_dir
 from ._schedule import QUOTA_WINDOW, RollingQuota
 
 try:
@@ -105,21 +106,6 @@ _SLOT = 8
 _MAX_LIMIT = 10_000_000
 
 
-class _RefusedError(Exception):
-    """A directory or file that is not safe to use."""
-
-
-def _check_private(path: str, *, follow: bool) -> None:
-    """Refuse *path* unless it is a directory of ours that only we may write."""
-    info = os.stat(path) if follow else os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode):
-        raise _RefusedError("not a directory")
-    if info.st_uid != os.geteuid():
-        raise _RefusedError(f"owned by uid {info.st_uid}, not by us (uid {os.geteuid()})")
-    if info.st_mode & 0o022:
-        raise _RefusedError(f"writable by group or others (mode {info.st_mode & 0o777:#o})")
-
-
 def _make_private(path: str, *, explicit: bool) -> None:
     """Create *path* with mode 0o700 if it is missing, then check it."""
     if explicit:
@@ -127,7 +113,7 @@ def _make_private(path: str, *, explicit: bool) -> None:
     else:
         with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o700)
-    _check_private(path, follow=explicit)
+    check_private_dir(path, follow=explicit)
 
 
 def _default_directories() -> list[str]:
@@ -150,7 +136,7 @@ def _choose_directory(directory: str | None) -> tuple[str, str | None]:
     for path in candidates:
         try:
             _make_private(path, explicit=explicit)
-        except (OSError, _RefusedError) as exc:
+        except (OSError, RefusedError) as exc:
             reason = str(exc)
             continue
         return path, None
@@ -164,7 +150,7 @@ def _open_private_file(path: str) -> int:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-            raise _RefusedError(f"{path} is not a regular file of ours")
+            raise RefusedError(f"{path} is not a regular file of ours")
     except BaseException:
         os.close(fd)
         raise
@@ -340,7 +326,7 @@ class HostQuota:
     def _open(self, path: str) -> None:
         try:
             self._fd = _open_private_file(path)
-        except (OSError, _RefusedError) as exc:
+        except (OSError, RefusedError) as exc:
             self._give_up(path, str(exc))
 
     def _release(self) -> None:

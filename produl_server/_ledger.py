@@ -55,6 +55,9 @@ class Stats:
             does not answer, as of the sender's last call to it).
         quota_used: Requests in that window as last seen: fleet-wide with
             ``redis``, host-wide with ``host``.
+        quarantined: Spooled events this client found it could not send
+            as they are (a damaged row or stream entry) and moved to the
+            spool's quarantine, where they stay for a person to look at.
     """
 
     queued: int
@@ -65,6 +68,7 @@ class Stats:
     spooled: int = 0
     quota: str = "memory"
     quota_used: int = 0
+    quarantined: int = 0
 
     @property
     def dropped_total(self) -> int:

@@ -43,10 +43,11 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._config import Config, mask_url
+from ._config import Config, key_fingerprint, mask_url
+from ._deadlines import Deadlines
 from ._durable import SPOOL_BATCH, Outbox, lease_from_env
 from ._schedule import QUOTA_WINDOW, Quota
-from ._spool import SpooledEvent
+from ._spool import Census, SpooledEvent
 from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -58,6 +59,9 @@ T = TypeVar("T")
 
 #: Seconds allowed to connect to Redis and for each answer.
 TIMEOUT = 0.5
+#: The longest one call to Redis may take as a whole (connect, send, every
+#: read): past it the watchdog closes its connection, and Redis counts as down.
+CALL_DEADLINE = 4 * TIMEOUT
 #: While Redis does not answer, try it again this often (seconds).
 RETRY_EVERY = 5.0
 #: Events the Redis spool holds at most, per ``api_url``.
@@ -107,9 +111,17 @@ def quota_key(api_url: str, key: str | None = None) -> str:
     return _prefix(key if key is not None else api_url) + "quota"
 
 
-def spool_key(api_url: str) -> str:
-    """The Redis key of the Stream that spools the events of *api_url*."""
-    return _prefix(api_url) + "spool"
+def spool_key(api_url: str, owner: str | None = None) -> str:
+    """The Redis key of the Stream that spools the events of *api_url* tracked by *owner*.
+
+    *owner* is the server key's fingerprint (:func:`~._config.key_fingerprint`);
+    ``None`` names the stream of the versions before events carried one,
+    which no client takes by itself.
+    """
+    return _prefix(api_url) + ("spool" if owner is None else f"spool:{owner}")
+
+
+_DEADLINES = Deadlines("produl-server.redis-deadlines")
 
 
 class RedisDownError(Exception):
@@ -147,7 +159,6 @@ class RedisLink:
             )
         except ValueError as exc:
             raise ConfigurationError(f"redis_url {mask_url(url)} is not usable: {exc}") from None
-        self._errors: tuple[type[BaseException], ...] = (module.RedisError, OSError)
         self._clock = clock
         self._meanwhile = meanwhile
         self._lock = threading.Lock()
@@ -165,25 +176,42 @@ class RedisLink:
         """Whether the last call to Redis, by anyone, was answered."""
         return self._retry_at is None
 
-    def call(self, action: Callable[[redis.Redis], T]) -> T:
+    def call(self, action: Callable[[redis.Redis], T], *, now: bool = False) -> T:
         """Run *action* with the client.
+
+        Args:
+            action: What to do with the client.
+            now: Try Redis even if it failed a moment ago (a final count).
 
         Raises:
             RedisDownError: Redis failed now, or a moment ago (not tried again yet).
         """
-        if not self.up:
+        if not (now or self.up):
             raise RedisDownError
+        watch = _DEADLINES.start(CALL_DEADLINE, self._cut)
         try:
             result = action(self.client)
-        except self._errors as exc:
-            self._failed(exc)
+        except Exception as exc:
+            # Not only RedisError and OSError: a server that answers +OK (or
+            # anything else) to every command makes the replies fail to parse
+            # (ValueError, TypeError...). Such a Redis counts as down.
+            cause: BaseException = exc
+            if watch.expired:
+                cause = TimeoutError(f"no whole answer within {CALL_DEADLINE:g} s")
+            self._failed(cause)
             raise RedisDownError from None
+        finally:
+            _DEADLINES.stop(watch)
         if self._retry_at is not None:
             with self._lock:
                 was_down, self._retry_at = self._retry_at is not None, None
             if was_down:
                 log.info("produl_server: %s answers again; using it", self.where)
         return result
+
+    def _cut(self) -> None:
+        """End the calls under way: a reply trickling in is no answer."""
+        self.client.connection_pool.disconnect(inuse_connections=True)
 
     def _failed(self, exc: BaseException) -> None:
         with self._lock:
@@ -266,10 +294,18 @@ class RedisSpool:
     through :meth:`RedisLink.call`.
     """
 
-    def __init__(self, api_url: str, lease: float, max_events: int = MAX_SPOOLED) -> None:
-        self.key = spool_key(api_url)
+    def __init__(
+        self, api_url: str, lease: float, owner: str | None = None, max_events: int = MAX_SPOOLED
+    ) -> None:
+        self.key = spool_key(api_url, owner)
+        self.unowned_key = spool_key(api_url)
+        #: The dead-letter stream: entries that cannot be sent, with the reason.
+        self.quarantine_key = self.key + ":quarantine"
+        self._others = _prefix(api_url) + "spool:*"
         self.lease_ms = max(1, int(lease * 1000))
         self.max_events = max_events
+        #: The reasons of the entries the last claim moved to the quarantine.
+        self.quarantined_now: list[str] = []
         self._group_ready = False
         self._new_consumer()
 
@@ -321,19 +357,42 @@ class RedisSpool:
                     GROUP, self.consumer, {self.key: ">"}, count=count - len(found)
                 )
                 for _stream, entries in reply or ():
-                    found.extend(_events(entries))
-            return found
+                    found.extend(entries)
+            return self._sendable(client, found)
 
+        self.quarantined_now = []
         return self._grouped(client, take)
 
-    def _expired(self, client: redis.Redis, count: int) -> list[SpooledEvent]:
-        """Events whose lease ran out (their sender died) or that were given back."""
+    def _expired(self, client: redis.Redis, count: int) -> list[Any]:
+        """Entries whose lease ran out (their sender died) or that were given back."""
         reply: Any = client.xautoclaim(
             self.key, GROUP, self.consumer, self.lease_ms, start_id=self._cursor, count=count
         )
         cursor, entries = reply[0], reply[1]
         self._cursor = _text(cursor)
-        return _events(entries)
+        return list(entries)
+
+    def _sendable(self, client: redis.Redis, entries: list[Any]) -> list[SpooledEvent]:
+        """The entries as events; those that cannot be sent go to the quarantine stream."""
+        events = []
+        bad: list[tuple[str, dict[Any, Any], str]] = []
+        for entry_id, fields in entries:
+            if not fields:  # deleted meanwhile (Redis 6.2 reports it so)
+                continue
+            event, reason = _event(_text(entry_id), fields)
+            if event is not None:
+                events.append(event)
+            else:
+                bad.append((_text(entry_id), fields, reason))
+        if bad:
+            pipe = client.pipeline(transaction=True)
+            for entry_id, fields, reason in bad:
+                pipe.xadd(self.quarantine_key, {**fields, b"reason": reason, b"id": entry_id})
+                pipe.xack(self.key, GROUP, entry_id)
+                pipe.xdel(self.key, entry_id)
+            pipe.execute()
+            self.quarantined_now = [reason for _, _, reason in bad]
+        return events
 
     def ack(self, client: redis.Redis, ids: list[str]) -> None:
         pipe = client.pipeline(transaction=True)
@@ -354,6 +413,36 @@ class RedisSpool:
     def count(self, client: redis.Redis) -> int:
         return int(client.xlen(self.key))
 
+    def census(self, client: redis.Redis) -> Census:
+        """This owner's entries, the unowned ones, other keys' and the quarantine's."""
+        others = 0
+        for index, key in enumerate(client.scan_iter(match=self._others, count=100)):
+            name = _text(key)
+            if name != self.key and not name.endswith(":quarantine"):
+                others += int(client.xlen(name))
+            if index >= 1000:
+                break
+        return Census(
+            int(client.xlen(self.key)),
+            int(client.xlen(self.unowned_key)),
+            others,
+            int(client.xlen(self.quarantine_key)),
+        )
+
+    def adopt_unowned(self, client: redis.Redis) -> int:
+        """Move the unowned stream's entries into this owner's; return how many."""
+        moved = 0
+        while True:
+            entries: Any = client.xrange(self.unowned_key, count=500)
+            if not entries:
+                return moved
+            pipe = client.pipeline(transaction=True)
+            for entry_id, fields in entries:
+                pipe.xadd(self.key, fields)
+                pipe.xdel(self.unowned_key, entry_id)
+            pipe.execute()
+            moved += len(entries)
+
     def retire(self, client: redis.Redis) -> None:
         """Leave the group if this sender holds nothing (consumers would pile up)."""
         if not self._group_ready:
@@ -372,20 +461,18 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _events(entries: Iterable[Any]) -> list[SpooledEvent]:
-    events = []
-    for entry_id, fields in entries:
-        if not fields:  # deleted meanwhile (Redis 6.2 reports it so)
-            continue
-        visitor = fields.get(b"v")
-        events.append(
-            SpooledEvent(
-                _text(entry_id),
-                fields[b"b"],
-                None if visitor is None else visitor.decode(),
-            )
-        )
-    return events
+def _event(entry_id: str, fields: dict[Any, Any]) -> tuple[SpooledEvent | None, str]:
+    """One stream entry as an event, or None and why it cannot be sent."""
+    body = fields.get(b"b")
+    if not isinstance(body, bytes):
+        return None, "it has no body field"
+    visitor = fields.get(b"v")
+    if visitor is not None:
+        try:
+            visitor = visitor.decode()
+        except (AttributeError, UnicodeDecodeError):
+            return None, "its visitor id is not UTF-8 text"
+    return SpooledEvent(entry_id, body, visitor), ""
 
 
 class FleetOutbox:
@@ -402,6 +489,9 @@ class FleetOutbox:
         self.local = local
         self.directory = link.where
         self.lease = spool.lease_ms / 1000
+        #: Entries this outbox moved to the quarantine stream.
+        self.quarantined = 0
+        self._reported: set[str] = set()
 
     def keep(self, items: Iterable[tuple[bytes, str | None]], *, caller: bool = False) -> int:
         """Spool events; return how many were kept.
@@ -430,6 +520,18 @@ class FleetOutbox:
             events = self.link.call(lambda client: self.spool.claim(client, SPOOL_BATCH))
         except RedisDownError:
             events = []
+        for reason in self.spool.quarantined_now:
+            self.quarantined += 1
+            if reason not in self._reported:
+                self._reported.add(reason)
+                log.error(
+                    "produl_server: a spooled event in %s cannot be sent (%s); it was moved "
+                    "to the stream %s, and the others go on",
+                    self.link.where,
+                    reason,
+                    self.spool.quarantine_key,
+                )
+        self.spool.quarantined_now = []
         if not events and self.local is not None:
             events = self.local.take()
         return events
@@ -457,6 +559,28 @@ class FleetOutbox:
         except RedisDownError:
             remote = 0
         return remote + (0 if self.local is None else self.local.count())
+
+    def problem(self) -> str | None:
+        """Why the spool's contents cannot be told now (Redis is down), or None."""
+        return None if self.link.answered_last else f"{self.link.where} does not answer"
+
+    def census(self) -> Census | None:
+        """What Redis (and the local spool) hold for this key and for others."""
+        try:
+            remote: Census | None = self.link.call(self.spool.census, now=True)
+        except RedisDownError:
+            remote = None
+        local = None if self.local is None else self.local.census()
+        if remote is None or local is None:
+            return remote or local
+        return Census(*(a + b for a, b in zip(remote, local, strict=True)))
+
+    def adopt_unowned(self) -> int:
+        try:
+            moved = int(self.link.call(self.spool.adopt_unowned))
+        except RedisDownError:
+            moved = 0
+        return moved + (0 if self.local is None else self.local.adopt_unowned())
 
     def after_fork_in_child(self) -> None:
         self.spool.after_fork_in_child()
@@ -487,7 +611,7 @@ def open_fleet(config: Config, quota: Quota, local: Outbox | None) -> tuple[Quot
     """
     assert config.redis_url is not None
     link = RedisLink(config.redis_url)
-    spool = RedisSpool(config.api_url, lease_from_env())
+    spool = RedisSpool(config.api_url, lease_from_env(), key_fingerprint(config.server_key))
     limit = config.max_requests_per_minute
     if limit is not None and config.shared_quota:
         quota = FleetQuota(link, limit, quota_key(config.api_url, config.quota_key), quota)

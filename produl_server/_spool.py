@@ -9,10 +9,23 @@ sends them, and acknowledges them.
 Design, in plain words:
 
 * One SQLite file, ``<directory>/produl-spool.sqlite3``, in WAL mode, holds
-  the events of every API URL that uses the directory. Each row carries a
-  ``key`` (the API URL), so an event only ever goes back to the collector it
-  was meant for. The directory is created with mode ``0o700`` and the file
-  with ``0o600``: the events may carry visitor ids.
+  the events of every API URL and server key that use the directory. Each
+  row carries a ``key`` (the API URL) and an ``owner``: the fingerprint of
+  the server key that tracked it (:func:`~._config.key_fingerprint`, never
+  the key), so an event only ever goes back to the collector it was meant
+  for, under the key that tracked it. Rows of other URLs and keys are never
+  touched. Rows spooled before owners existed (schema 1) have none: no
+  client takes them by itself; ``produl-server drain --adopt-unowned``
+  sends them under its key, on purpose.
+* The directory is created with mode ``0o700`` and the file with ``0o600``:
+  the events may carry visitor ids. A directory or file that another user
+  owns or may write (group or others) is refused: a shared, world-writable
+  spool would let another local user read the events, or plant events that
+  leave under this key. A file of ours that others may read is made
+  private (``0o600``).
+* A row that cannot be sent as it is (a body that is not a BLOB, a visitor
+  id that is not text) never holds up the others: a claim moves it to the
+  ``quarantine`` table, with the reason, and it is counted there.
 * Several processes may share one spool. Every change runs in its own short
   transaction; :meth:`Spool.claim` starts with ``BEGIN IMMEDIATE``, which takes
   the file's write lock before it reads, so two claimers never take the same
@@ -57,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import sqlite3
 import threading
@@ -65,7 +79,10 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
+from ._private import RefusedError, check_private_dir, check_private_file
 from .exceptions import ProdulError
+
+log = logging.getLogger("produl_server")
 
 __all__ = ["FILENAME", "Spool", "SpoolError", "SpooledEvent"]
 
@@ -75,8 +92,8 @@ DEFAULT_BUSY_TIMEOUT = 2.0
 
 #: "PRDL": marks the file as a produl spool (``PRAGMA application_id``).
 _APPLICATION_ID = 0x5052444C
-_SCHEMA_VERSION = 1
-_SCHEMA = """
+_SCHEMA_VERSION = 2
+_SCHEMA_1 = """
 CREATE TABLE events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     key TEXT NOT NULL,
@@ -93,9 +110,24 @@ CREATE TRIGGER events_added AFTER INSERT ON events
 CREATE TRIGGER events_removed AFTER DELETE ON events
     BEGIN UPDATE totals SET events = events - 1; END;
 """
+#: From schema 1 to 2: who tracked each event, and a quarantine for bad rows.
+_SCHEMA_2 = """
+ALTER TABLE events ADD COLUMN owner TEXT;
+CREATE INDEX events_by_owner ON events (key, owner, id);
+CREATE TABLE quarantine (
+    id INTEGER PRIMARY KEY,
+    key TEXT,
+    owner TEXT,
+    body BLOB,
+    visitor TEXT,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
+"""
 _SQLITE_FULL = 13
 _SQLITE_NOTADB = 26
-_CLAIMABLE = "key = ? AND (lease_until IS NULL OR lease_until <= ?)"
+_MINE = "key = ? AND owner IS ?"
+_CLAIMABLE = f"{_MINE} AND (lease_until IS NULL OR lease_until <= ?)"
 
 #: Connections inherited through fork(): never used, only kept referenced so
 #: that garbage collection does not close them while the child runs (closing
@@ -109,6 +141,19 @@ class SpoolError(ProdulError):
     The message is one line for a user: what failed, the directory, and the
     reason the OS or SQLite gave. It never holds event contents.
     """
+
+
+class Census(NamedTuple):
+    """What a spool holds, seen from one API URL and owner."""
+
+    #: Rows of this URL and owner.
+    mine: int
+    #: Rows of this URL spooled before owners existed: no client takes them.
+    unowned: int
+    #: Rows of other URLs or other keys: never touched.
+    others: int
+    #: Rows moved aside because they cannot be sent (all keys).
+    quarantined: int
 
 
 class SpooledEvent(NamedTuple):
@@ -131,6 +176,8 @@ class Spool:
     Args:
         directory: Where the database lives; created (mode ``0o700``) if missing.
         key: The API URL these events belong to.
+        owner: The fingerprint of the server key that tracks them; ``None``
+            stands for the rows spooled before owners existed (adopting them).
         max_events: The most events the file holds, all keys together.
         max_bytes: If given, the largest the database file may grow.
         busy_timeout: Seconds to wait for another process's transaction.
@@ -144,6 +191,7 @@ class Spool:
         self,
         directory: str | os.PathLike[str],
         key: str,
+        owner: str | None = None,
         *,
         max_events: int = DEFAULT_MAX_EVENTS,
         max_bytes: int | None = None,
@@ -154,11 +202,14 @@ class Spool:
         self.directory = os.fspath(directory)
         self.path = os.path.join(self.directory, FILENAME)
         self.key = key
+        self.owner = owner
         self.max_events = max_events
         self._max_bytes = max_bytes
         self._busy_timeout = busy_timeout
         self._closed = False
         self._db: sqlite3.Connection | None = None
+        #: The reasons of the rows the last claim moved to the quarantine.
+        self.quarantined_now: list[str] = []
         self._after_fork()
         with self._lock:
             self._db = self._open()
@@ -178,8 +229,8 @@ class Spool:
                 if total + stored >= self.max_events:
                     break
                 db.execute(
-                    "INSERT INTO events (key, body, visitor) VALUES (?, ?, ?)",
-                    (self.key, body, visitor),
+                    "INSERT INTO events (key, owner, body, visitor) VALUES (?, ?, ?, ?)",
+                    (self.key, self.owner, body, visitor),
                 )
                 stored += 1
             return stored
@@ -189,7 +240,9 @@ class Spool:
 
         Events nobody holds, and those whose lease has run out (their claimer
         died or stalled), can be claimed. Until :meth:`ack` or :meth:`release`,
-        or the lease ends, no other claimer gets them.
+        or the lease ends, no other claimer gets them. A row that cannot be
+        sent as it is goes to the quarantine instead (see :meth:`quarantine`);
+        the others of its batch are claimed as usual.
         """
         if limit < 1 or lease <= 0:
             raise ValueError("claim() needs limit >= 1 and lease > 0")
@@ -197,13 +250,23 @@ class Spool:
         with self._transaction("claim events from") as db:
             rows = db.execute(
                 f"SELECT id, body, visitor FROM events WHERE {_CLAIMABLE} ORDER BY id LIMIT ?",  # noqa: S608
-                (self.key, now, limit),
+                (self.key, self.owner, now, limit),
             ).fetchall()
+            good = [row for row in rows if _unsendable(row) is None]
+            bad = [(row[0], _unsendable(row)) for row in rows if _unsendable(row) is not None]
             db.executemany(
                 "UPDATE events SET claimer = ?, lease_until = ? WHERE id = ?",
-                [(self._claimer, now + lease, row[0]) for row in rows],
+                [(self._claimer, now + lease, row[0]) for row in good],
             )
-        return [SpooledEvent(int(i), bytes(body), visitor) for i, body, visitor in rows]
+            for row_id, reason in bad:
+                db.execute(
+                    "INSERT INTO quarantine (id, key, owner, body, visitor, reason, at)"
+                    " SELECT id, key, owner, body, visitor, ?, ? FROM events WHERE id = ?",
+                    (reason, time.time(), row_id),
+                )
+                db.execute("DELETE FROM events WHERE id = ?", (row_id,))
+        self.quarantined_now = [reason for _, reason in bad if reason is not None]
+        return [SpooledEvent(int(i), bytes(body), visitor) for i, body, visitor in good]
 
     def ack(self, ids: Iterable[int]) -> int:
         """Delete events that were delivered (or refused for good); return how many.
@@ -213,7 +276,8 @@ class Spool:
         """
         with self._transaction("remove sent events from") as db:
             cursor = db.executemany(
-                "DELETE FROM events WHERE id = ? AND key = ?", [(i, self.key) for i in ids]
+                f"DELETE FROM events WHERE id = ? AND {_MINE}",  # noqa: S608
+                [(i, self.key, self.owner) for i in ids],
             )
             return max(cursor.rowcount, 0)
 
@@ -246,17 +310,45 @@ class Spool:
             return max(cursor.rowcount, 0)
 
     def count(self) -> int:
-        """Events stored for this key, claimed or not."""
+        """Events stored for this URL and owner, claimed or not."""
         with self._using("count events in") as db:
-            sql = "SELECT count(*) FROM events WHERE key = ?"
-            return int(db.execute(sql, (self.key,)).fetchone()[0])
+            sql = f"SELECT count(*) FROM events WHERE {_MINE}"  # noqa: S608
+            return int(db.execute(sql, (self.key, self.owner)).fetchone()[0])
+
+    def adopt_unowned(self) -> int:
+        """Give this spool's owner the rows of its URL that have none; return how many.
+
+        Those were spooled before rows carried an owner, so nobody can tell
+        which key tracked them: only a person may decide they are this key's
+        (``produl-server drain --adopt-unowned``).
+        """
+        if self.owner is None:
+            raise ValueError("adopt_unowned() needs a spool with an owner")
+        with self._transaction("adopt events in") as db:
+            cursor = db.execute(
+                "UPDATE events SET owner = ? WHERE key = ? AND owner IS NULL",
+                (self.owner, self.key),
+            )
+            return max(cursor.rowcount, 0)
+
+    def census(self) -> Census:
+        """What the file holds for this URL and owner, for others, and in quarantine."""
+        with self._using("count events in") as db:
+            mine, unowned, total = db.execute(
+                "SELECT coalesce(sum(key = ? AND owner IS ?), 0),"
+                " coalesce(sum(key = ? AND owner IS NULL), 0), count(*) FROM events",
+                (self.key, self.owner, self.key),
+            ).fetchone()
+            quarantined = db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+        unowned = 0 if self.owner is None else int(unowned)
+        return Census(int(mine), unowned, int(total) - int(mine) - unowned, int(quarantined))
 
     def pending_count(self, now: float | None = None) -> int:
         """Events for this key that a claim could take right now."""
         now = time.time() if now is None else now
         with self._using("count events in") as db:
             sql = f"SELECT count(*) FROM events WHERE {_CLAIMABLE}"  # noqa: S608
-            return int(db.execute(sql, (self.key, now)).fetchone()[0])
+            return int(db.execute(sql, (self.key, self.owner, now)).fetchone()[0])
 
     def close(self) -> None:
         """Close the connection; later calls raise :class:`SpoolError`. Idempotent."""
@@ -319,8 +411,27 @@ class Spool:
                 raise
 
     def _open(self) -> sqlite3.Connection:
-        """Make the directory and file, connect, and check (or create) the schema."""
+        """Make the directory and file, connect, and check (or create) the schema.
+
+        A file that SQLite finds damaged is moved aside (see
+        :func:`_move_aside`) and a fresh spool is started in its place.
+        """
+        try:
+            return self._connect()
+        except _DamagedError as exc:
+            moved = _move_aside(self.path)
+            log.warning(
+                "produl_server: the spool at %s was damaged (%s); it was moved to %s and a "
+                "new spool started. Events in it are not delivered: inspect it with sqlite3",
+                self.directory,
+                exc,
+                moved,
+            )
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
         _make_directory(self.directory)
+        _check_private(self.directory, self.path)
         _make_file(self.path, self.directory)
         try:
             db = sqlite3.connect(
@@ -336,6 +447,8 @@ class Spool:
         except BaseException as exc:
             db.close()
             if isinstance(exc, sqlite3.Error):
+                if _damaged(exc):
+                    raise _DamagedError(" ".join(str(exc).split())) from None
                 raise _failure("open", self.directory, exc) from None
             raise
         return db
@@ -363,16 +476,73 @@ class Spool:
         if app_id == _APPLICATION_ID and version == _SCHEMA_VERSION:
             return
         empty = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
-        if not (empty and app_id == 0 and version == 0):
+        if empty and app_id == 0 and version == 0:
+            _run(db, _SCHEMA_1)
+            db.execute(f"PRAGMA application_id={_APPLICATION_ID}")
+        elif app_id != _APPLICATION_ID or version != 1:
             raise SpoolError(
                 f"cannot open the spool at {self.directory}: {self.path} is not"
                 " a produl spool (or is from another version); move it away"
             )
-        for statement in _SCHEMA.split(";\n"):
-            if statement.strip():
-                db.execute(statement)
-        db.execute(f"PRAGMA application_id={_APPLICATION_ID}")
+        # Schema 1 to 2: its rows keep no owner, and no client takes them.
+        _run(db, _SCHEMA_2)
         db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+
+class _DamagedError(Exception):
+    """SQLite says the file is damaged or not a database at all."""
+
+
+_SQLITE_CORRUPT = 11
+
+
+def _damaged(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc)
+    return code in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or any(
+        sign in text for sign in ("malformed", "not a database")
+    )
+
+
+def _move_aside(path: str) -> str:
+    """Rename a damaged database (and its WAL files) out of the way; return the new name."""
+    moved = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path + suffix, moved + suffix)
+    return moved
+
+
+def _check_private(directory: str, path: str) -> None:
+    """Refuse a spool that another user owns, may write, or (the file) may read."""
+    try:
+        check_private_dir(directory, follow=True)
+        for suffix in ("", "-wal", "-shm"):
+            check_private_file(path + suffix)
+    except RefusedError as exc:
+        raise SpoolError(
+            f"cannot use the spool at {directory}: {exc}. A spool must be private to this "
+            "user (chmod 700 on the directory, 600 on its files), or another local user "
+            "could read its events or plant some that leave under your key"
+        ) from None
+    except OSError as exc:
+        raise _os_failure(f"cannot use the spool directory {directory}", exc) from None
+
+
+def _run(db: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";\n"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _unsendable(row: tuple[object, ...]) -> str | None:
+    """Why a row ``(id, body, visitor)`` cannot be sent as it is, or None."""
+    _, body, visitor = row
+    if not isinstance(body, bytes):
+        return f"its body is {type(body).__name__}, not bytes (BLOB)"
+    if visitor is not None and not isinstance(visitor, str):
+        return f"its visitor id is {type(visitor).__name__}, not text"
+    return None
 
 
 def _make_directory(directory: str) -> None:

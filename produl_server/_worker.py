@@ -38,6 +38,7 @@ from ._durable import Outbox, make_quota, open_outbox
 from ._ledger import Ledger, Stats
 from ._redis import FleetOutbox, open_fleet
 from ._schedule import Quota, Schedule, Verdict
+from ._spool import Census
 from ._transport import Outcome, Transport
 from ._transport import Verdict as Answer
 from .exceptions import DeliveryError
@@ -76,7 +77,8 @@ def _bounded(timeout: float | None) -> float | None:
         return None
     if not timeout > 0:  # NaN, 0, negative
         return 0.0
-    return min(float(timeout), MAX_SECONDS)
+    # Compared before float(): an int like 10**400 has no float.
+    return MAX_SECONDS if timeout >= MAX_SECONDS else float(timeout)
 
 
 class Item:
@@ -144,6 +146,8 @@ class _Core:
         self._finished_event = threading.Event()
         self.last_enqueue = 0.0
         self.first_enqueue = 0.0
+        #: What the last failed attempt said, for the loss line and the CLI.
+        self.last_failure = ""
 
     def get_transport(self) -> Transport:
         if self.transport is None:
@@ -183,6 +187,7 @@ class _Core:
             self._unspool(item)
             return False
         now = self.clock()
+        self.last_failure = outcome.detail
         verdict, pause, item.failing_since = self.schedule.failed(
             now,
             rate_limited=outcome.reason == "rate_limited",
@@ -267,8 +272,10 @@ class _Core:
         An event given up at the shutdown deadline meanwhile was reported then.
         """
         if not self.ledger.is_handled(item.seq):
-            self.report(item, reason, message, status)
-            self.ledger.finish(item.seq, reason)
+            try:
+                self.report(item, reason, message, status)
+            finally:  # whatever the hook raised, the event is settled
+                self.ledger.finish(item.seq, reason)
 
     def report(self, item: Item, reason: str, message: str, status: int | None = None) -> None:
         """Log a dropped event and hand it to the on_error hook."""
@@ -290,16 +297,23 @@ class _Core:
     def call_hook(self, error: DeliveryError, event: Item | dict[str, Any]) -> None:
         """Hand one problem to the user's ``on_error`` hook; survive anything it raises.
 
-        The wire dict is built only here, only when there is a hook. A hook
-        that raises ``SystemExit`` cannot end the sender either.
+        The wire dict is built only here, only when there is a hook. Nothing
+        a hook raises ends the sender, not even ``SystemExit``,
+        ``KeyboardInterrupt`` or ``GeneratorExit``: it is logged, and delivery
+        goes on. Only on the main thread does a ``KeyboardInterrupt`` go on up
+        to the caller (it may be a real Ctrl-C), once the event is settled.
         """
         hook = self.config.on_error
         if hook is None:
             return
         try:
             hook(error, json.loads(event.body) if isinstance(event, Item) else event)
-        except (Exception, SystemExit):
+        except BaseException as exc:
             log.exception("produl_server: the on_error hook raised; delivery goes on")
+            if isinstance(exc, KeyboardInterrupt) and (
+                threading.current_thread() is threading.main_thread()
+            ):
+                raise
 
     # -- the end -----------------------------------------------------------
 
@@ -350,14 +364,16 @@ class _Core:
                 if self.outbox is None
                 else f"The spool ({self.outbox.directory}) could not take them"
             )
+            cause = f". The last attempt failed: {self.last_failure}" if self.last_failure else ""
             log.warning(
                 "produl_server: %d event(s) not delivered before the shutdown deadline; "
-                "they are lost%s. %s",
+                "they are lost%s. %s%s",
                 left,
                 f" ({unsure} of them had a request under way, and may have arrived)"
                 if unsure
                 else "",
                 remedy,
+                cause,
             )
             error = DeliveryError("shutdown", "not delivered before the shutdown deadline")
             for item in sorted(leftovers, key=lambda item: item.seq):
@@ -826,24 +842,25 @@ class Worker:
             sender.wake.set()
 
     def _overflow(self, item: Item) -> None:
-        """The queue is full: spool the event, or drop it and say so."""
+        """The queue is full: spool the event, or drop it and say so.
+
+        With a sender thread, the event waits (at most ``max_queue_size`` of
+        them) for the sender to spool it: this thread never waits on the
+        spool, neither on Redis nor on SQLite's lock held by another process
+        (issue #18). In ``sync_mode`` the caller spools it itself.
+        """
         core = self._core
         sender = self._sender
-        if (
-            isinstance(core.outbox, FleetOutbox)
-            and sender is not None
-            and len(core.overflow) < self._config.max_queue_size
-        ):
-            # For Redis, through the sender: this thread never talks to it.
-            core.overflow.append(item)
-            if len(core.overflow) == 1:
-                sender.wake.set()
-            self._warn_full(
-                "produl_server: the queue is full (%d events); new events are spooled",
-                self._config.max_queue_size,
-            )
-            return
-        if core.spool([item], caller=True):
+        spooled = False
+        if sender is not None:
+            if len(core.overflow) < self._config.max_queue_size:
+                core.overflow.append(item)
+                if len(core.overflow) == 1:
+                    sender.wake.set()
+                spooled = True
+        elif core.spool([item], caller=True):
+            spooled = True
+        if spooled:
             self._warn_full(
                 "produl_server: the queue is full (%d events); new events are spooled",
                 self._config.max_queue_size,
@@ -957,7 +974,12 @@ class Worker:
     def stats(self) -> Stats:
         """A snapshot of the counters."""
         quota = self._core.schedule.quota
-        return attrs.evolve(self._core.ledger.stats(), quota=quota.kind, quota_used=quota.used)
+        return attrs.evolve(
+            self._core.ledger.stats(),
+            quota=quota.kind,
+            quota_used=quota.used,
+            quarantined=getattr(self._outbox, "quarantined", 0),
+        )
 
     def drain_spool(self, timeout: float, progress: Callable[[int], object] | None = None) -> int:
         """Deliver the spool's events until it is empty or *timeout*; return what is left.
@@ -986,6 +1008,23 @@ class Worker:
     def spool_count(self) -> int:
         """Events in the spool now (0 without one); before shutdown, which closes it."""
         return 0 if self._outbox is None else self._outbox.count()
+
+    def spool_census(self) -> Census | None:
+        """What the spool holds for this key and for others (None without a spool)."""
+        return None if self._outbox is None else self._outbox.census()
+
+    def spool_problem(self) -> str | None:
+        """Why the spool cannot be read now (Redis down), or None."""
+        return None if self._outbox is None else self._outbox.problem()
+
+    def adopt_unowned(self) -> int:
+        """Make this key's the spooled events of its URL that no key owns."""
+        return 0 if self._outbox is None else self._outbox.adopt_unowned()
+
+    @property
+    def last_failure(self) -> str:
+        """What the last failed attempt said ("" if none failed)."""
+        return self._core.last_failure
 
     def _start(self) -> ThreadSender | None:
         with self._start_lock:

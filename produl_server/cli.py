@@ -339,20 +339,25 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_drain(args: argparse.Namespace) -> int:
     """Deliver a spool's events, within the host's quota.
 
+    Only the events this server key tracked for this ``api_url`` are sent;
+    the others are counted and left alone.
+
     Args:
         args: Parsed ``drain`` arguments.
 
     Returns:
-        0 when the spool is empty at the end.
+        0 when none of this key's events is left.
 
     Raises:
-        CommandError: When events are left (``main`` turns it into exit
-            status 1 and a one-line reason).
+        CommandError: When some are left (``main`` turns it into exit
+            status 1 and a one-line reason, with the last failure's cause).
     """
     from produl_server import Produl  # noqa: PLC0415 -- the client is only needed here
 
     if args.spool is None and args.redis is None:
         raise _UsageError("drain needs --spool DIR, --redis URL, or both")
+    if args.spool is not None:
+        _existing_spool(args.spool)
     try:
         client = Produl(
             server_key=args.server_key,
@@ -365,27 +370,69 @@ def cmd_drain(args: argparse.Namespace) -> int:
         )
     except ConfigurationError as exc:
         raise _UsageError(str(exc)) from None
+    worker = client._worker
+    adopted = worker.adopt_unowned() if args.adopt_unowned else 0
     show = _progress if sys.stderr.isatty() else None
     try:
-        client._worker.drain_spool(args.timeout, show)
+        worker.drain_spool(args.timeout, show)
         # Rows leave the spool only when delivered: the count stays true
         # through the shutdown, which hands unsent claims back.
-        left = client._worker.spool_count()
+        left = worker.spool_count()
+        census = worker.spool_census()
+        problem = worker.spool_problem()
     finally:
         client.shutdown()
         if show is not None:
             sys.stderr.write("\n")
     sent = client.stats.sent
     where = mask_url(client.config.api_url)
+    notes = _drain_notes(census, adopted)
+    if problem is not None:
+        raise CommandError(f"{problem}: cannot tell what is still spooled after {sent} sent")
     if left:
-        where = " and ".join(
+        place = " and ".join(
             str(place)
             for place in (args.spool, args.redis and f"Redis at {mask_url(args.redis)}")
             if place
         )
-        raise CommandError(f"{left} event(s) still spooled in {where} after {sent} sent")
-    _out(f"delivered {sent} spooled event(s) to {where}; the spool is empty")
+        cause = worker.last_failure or "not delivered within --timeout"
+        raise CommandError(
+            f"{left} event(s) still spooled in {place} after {sent} sent "
+            f"(last failure: {cause}){notes}"
+        )
+    _out(f"delivered {sent} spooled event(s) to {where}; {notes[2:] or 'the spool is empty'}")
     return OK
+
+
+def _existing_spool(directory: str) -> None:
+    """Refuse a spool directory that does not hold a spool: a typo must not look like success."""
+    from produl_server._spool import FILENAME  # noqa: PLC0415
+
+    if not os.path.isdir(directory):
+        raise _UsageError(f"no spool at {directory}: there is no such directory")
+    if not os.path.exists(os.path.join(directory, FILENAME)):
+        raise _UsageError(f"no spool at {directory}: the directory holds no {FILENAME}")
+
+
+def _drain_notes(census: Any, adopted: int) -> str:
+    """What ``drain`` left alone, and why, as clauses of its last line."""
+    notes = []
+    if adopted:
+        notes.append(f"{adopted} unowned event(s) adopted as this key's")
+    if census is not None:
+        if census.others:
+            notes.append(f"{census.others} event(s) of other API URLs or keys left untouched")
+        if census.unowned:
+            notes.append(
+                f"{census.unowned} event(s) spooled before events carried their key's "
+                "fingerprint left untouched (--adopt-unowned sends them under this key)"
+            )
+        if census.quarantined:
+            notes.append(
+                f"{census.quarantined} event(s) in quarantine: they cannot be sent "
+                "(see the quarantine table or stream)"
+            )
+    return "".join(f"; {note}" for note in notes)
 
 
 def _progress(left: int) -> None:
@@ -495,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--api-url", help="default: $PRODUL_API_URL or Produl's API")
     dr.add_argument(
         "--timeout", type=_seconds, default=60.0, help="seconds to spend at most (default 60)"
+    )
+    dr.add_argument(
+        "--adopt-unowned",
+        action="store_true",
+        help="also send, under this key, the events of this API URL spooled by a version "
+        "that did not record which key tracked them",
     )
     dr.add_argument(
         "--rate-limit",

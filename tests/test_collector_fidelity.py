@@ -140,3 +140,16 @@ def test_well_typed_browser_fields_are_accepted(
     edges = {**BROWSER_PV, "d": 0, "sd": 0.0, "sw": 0, "sh": 100_000, "l": "x" * 35}
     assert post(http, produl_collector, edges, None).status == 204
     assert produl_collector.events == [hit, edges]
+
+
+@pytest.mark.parametrize("depth", [65, 500, 900])
+def test_properties_nested_too_deep_get_a_400_naming_the_rule(
+    http: urllib3.PoolManager, produl_collector: LocalCollector, depth: int
+) -> None:
+    raw = b'{"t":"ev","n":"deep","vi":"v","k":"site_123","pr":' + b'{"a":' * depth
+    raw += b"1" + b"}" * depth + b"}"
+    response = post(http, produl_collector, raw, None)
+    body = json.loads(response.data)
+    assert (response.status, body["field"]) == (400, "pr")
+    assert "nested more than 64 levels deep" in body["message"]
+    assert produl_collector.events == []

@@ -177,7 +177,7 @@ def test_conversions():
         "clock": "03:04:00",
         "exact": 49.5,
         "whole": 4900,
-        "money": "0.1",
+        "money": 0.1,
         "id": "00000000-0000-0000-0000-000000000001",
         "color": "red",
         "level": 3,

@@ -17,7 +17,7 @@ import pytest
 from support import free_port, wait_until
 
 from produl_server import ConfigurationError, Produl
-from produl_server._config import Config
+from produl_server._config import Config, key_fingerprint
 from produl_server._durable import Outbox
 from produl_server._redis import (
     RETRY_EVERY,
@@ -418,5 +418,8 @@ def test_a_full_queue_spools_in_redis_through_the_sender(redis_server):
     stats = produl.stats
     assert (stats.queued, stats.spooled, stats.dropped, stats.pending) == (10, 10, {}, 0)
     client = redis.Redis.from_url(redis_server.url)
-    bodies = [fields[b"b"] for _id, fields in client.xrange(spool_key(url))]
+    bodies = [
+        fields[b"b"]
+        for _id, fields in client.xrange(spool_key(url, key_fingerprint("sk_test_0000")))
+    ]
     assert sorted(json.loads(body)["pr"]["i"] for body in bodies) == list(range(10))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -304,14 +305,36 @@ def test_a_directory_in_place_of_the_database_file(tmp_path):
 
 
 @pytest.mark.parametrize("garbage", [b"garbage", b"\x00\xffnot sqlite" * 1000])
-def test_a_corrupted_database_file(tmp_path, garbage):
+def test_a_corrupted_database_file_is_moved_aside_and_a_new_spool_starts(tmp_path, garbage, caplog):
     (tmp_path / FILENAME).write_bytes(garbage)
-    with pytest.raises(SpoolError) as caught:
-        Spool(tmp_path, URL)
-    assert str(caught.value) == (
-        f"cannot open the spool at {tmp_path}: {tmp_path / FILENAME} is damaged"
-        " or not a database (file is not a database)"
-    )
+    with caplog.at_level(logging.WARNING, logger="produl_server"):
+        spool = Spool(tmp_path, URL, "owner")
+    spool.add([(b"{}", None)])
+    assert spool.count() == 1
+    spool.close()
+    moved = [p for p in tmp_path.iterdir() if ".damaged-" in p.name]
+    assert [p.read_bytes() for p in moved] == [garbage]  # kept for a person to look at
+    warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(warnings) == 1
+    assert str(moved[0]) in warnings[0]
+
+
+def test_a_spool_truncated_to_half_does_not_stop_the_app(tmp_path, caplog):
+    spool = Spool(tmp_path, URL, "owner")
+    spool.add([(b'{"t":"ev","n":"e","pr":{"pad":"' + b"x" * 400 + b'"}}', "v")] * 2000)
+    spool.close()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / (FILENAME + suffix)).unlink(missing_ok=True)
+    path = tmp_path / FILENAME
+    size = path.stat().st_size
+    with path.open("r+b") as file:
+        file.truncate(size // 2)
+    with caplog.at_level(logging.WARNING, logger="produl_server"):
+        fresh = Spool(tmp_path, URL, "owner")
+        assert fresh.count() == 0
+    fresh.close()
+    assert any("damaged" in r.getMessage() for r in caplog.records)
+    assert [p for p in tmp_path.iterdir() if ".damaged-" in p.name]
 
 
 def test_some_other_sqlite_database(tmp_path):

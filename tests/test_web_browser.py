@@ -306,3 +306,28 @@ def test_pace_chart_without_a_quota_draws_no_quota_line(page: Any, produl: Produ
     expect(page.locator("#pace-summary")).to_contain_text("no quota")
     expect(page.locator("#pace-quota")).to_have_count(0)
     expect(page.locator("#pace-chart rect.refused-mark")).to_have_count(0)
+
+
+def test_keyless_events_are_marked_untrusted(
+    page: Any, produl: Produl, produl_collector: LocalCollector
+) -> None:
+    import json as json_module
+    import urllib.request
+
+    from playwright.sync_api import expect
+
+    produl.track_event("from_the_sdk", visitor_id="v1")
+    assert produl.flush(timeout=10)
+    # What any web page open in this browser could post: keyless, with a site id.
+    request = urllib.request.Request(
+        produl_collector.url + "/api/collect",
+        data=json_module.dumps({"t": "ev", "n": "from_a_page", "vi": "v2", "k": "site"}).encode(),
+        headers={"Content-Type": "text/plain"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 204
+    expect(rows(page)).to_have_count(2)
+    marked = page.locator("#events td.untrusted")
+    expect(marked).to_have_count(1)
+    expect(marked).to_have_text("event · keyless, untrusted")

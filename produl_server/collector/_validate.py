@@ -53,6 +53,7 @@ def check_event(obj: Any) -> dict[str, Any]:
     """
     if isinstance(obj, dict):
         for key, value in obj.items():
+            _check_depth(key, value)
             _check_unicode(key, value)
     event = check_wire_event(obj)
     _check_browser_fields(event)
@@ -74,6 +75,30 @@ def site_id(obj: Any) -> str | None:
     if isinstance(k, str) and 1 <= len(k) <= MAX_ID and not _SURROGATE.search(k):
         return k
     return None
+
+
+#: The deepest nesting of lists and objects a value may have: the SDK's own
+#: limit. Checked without recursion, before anything recurses into it.
+MAX_DEPTH: Final = 64
+
+
+def _check_depth(key: str, value: Any) -> None:
+    """Refuse a value nested deeper than :data:`MAX_DEPTH` (a 400, never a crash)."""
+    level = [value]
+    for _depth in range(MAX_DEPTH + 1):
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not level:
+            return
+    raise WireError(
+        "invalid_properties",
+        f"{key} is nested more than {MAX_DEPTH} levels deep; flatten it.",
+        key,
+    )
 
 
 def _check_unicode(key: str, value: Any) -> None:

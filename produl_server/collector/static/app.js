@@ -57,7 +57,11 @@ function renderEvents(events) {
     const when = new Date(stored.received_at * 1000).toLocaleTimeString();
     tr.append(
       cell(when),
-      cell(ev.t === "pv" ? "pageview" : "event", "type-" + ev.t),
+      // A keyless event (a browser's, with a site id k) may come from any web
+      // page open in this browser: the page marks it untrusted.
+      ev.k === undefined
+        ? cell(ev.t === "pv" ? "pageview" : "event", "type-" + ev.t)
+        : cell((ev.t === "pv" ? "pageview" : "event") + " · keyless, untrusted", "untrusted"),
       cell(ev.n),
       cell(ev.p),
       cell(ev.vi),
