@@ -50,8 +50,9 @@ class Stats:
             client to deliver: at the shutdown deadline, when the queue was
             full, or out of retry time in an outage.
         quota: Where the pacing window is kept: ``memory`` (this process
-            alone), ``host`` (every process of this host) or ``redis`` (a
-            fleet, with ``redis_url``; ``host`` or ``memory`` while Redis
+            alone, also while the host's file is out of use, its lock held
+            by a stopped process), ``host`` (every process of this host) or
+            ``redis`` (a fleet, with ``redis_url``; ``host`` or ``memory`` while Redis
             does not answer, as of the sender's last call to it).
         quota_used: Requests in that window as last seen: fleet-wide with
             ``redis``, host-wide with ``host``.

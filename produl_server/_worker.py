@@ -81,6 +81,22 @@ def _bounded(timeout: float | None) -> float | None:
     return MAX_SECONDS if timeout >= MAX_SECONDS else float(timeout)
 
 
+def _quota_kind(quota: Any) -> str:
+    """What ``stats.quota`` shows: where the window is kept right now.
+
+    The host's quota paces this process alone while its lock is held by a
+    stopped process or its file was given up; ``stats`` then says
+    ``memory``, not ``host`` (#18, item 14). With Redis down, the same
+    holds for its fallback.
+    """
+    kind: str = quota.kind
+    if kind == "host":
+        host = getattr(quota, "fallback", quota)
+        if getattr(host, "shared", True) is False:
+            return "memory"
+    return kind
+
+
 class Item:
     """One queued event, with what the caller knew about it."""
 
@@ -976,7 +992,7 @@ class Worker:
         quota = self._core.schedule.quota
         return attrs.evolve(
             self._core.ledger.stats(),
-            quota=quota.kind,
+            quota=_quota_kind(quota),
             quota_used=quota.used,
             quarantined=getattr(self._outbox, "quarantined", 0),
         )

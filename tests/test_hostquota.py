@@ -533,6 +533,35 @@ def test_a_stopped_holder_bounds_each_call_then_pacing_goes_local(make, caplog) 
     assert len(warnings_of(caplog)) == 1
 
 
+@pytest.mark.slow
+def test_stats_say_memory_while_a_stopped_holder_makes_the_client_pace_alone(
+    produl_collector, make_client, tmp_path
+) -> None:
+    # Issue #18, item 14: stats.quota said "host" while the process paced alone.
+    folder = tmp_path / "quota"
+    folder.mkdir(mode=0o700)
+    produl = make_client(max_requests_per_minute=600, quota_dir=str(folder))
+    produl.track_event("first", visitor_id="v")
+    assert produl.flush(timeout=20)
+    assert produl.stats.quota == "host"
+    (path,) = folder.glob("quota-*.bin")
+    holder = hold_lock(str(path))
+    try:
+        os.kill(holder.pid, signal.SIGSTOP)
+        produl.track_event("alone", visitor_id="v")
+        assert produl.flush(timeout=30)  # after STUCK_AFTER it paces alone
+        assert produl.stats.quota == "memory"
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.stdin.close()  # readline() returns: it lets go and exits
+        holder.wait(30)
+        holder.stdout.close()
+    produl.track_event("shared again", visitor_id="v")
+    assert produl.flush(timeout=20)
+    assert produl.stats.quota == "host"
+    assert [e["n"] for e in produl_collector.events] == ["first", "alone", "shared again"]
+
+
 FORKER = """
     import fcntl, os, sys
     from produl_server._hostquota import HostQuota
