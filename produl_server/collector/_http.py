@@ -109,6 +109,23 @@ class CollectorHandler(BaseHTTPRequestHandler):
         self._cors = True
         self._answered = False
 
+    def handle_one_request(self) -> None:
+        # The idle timeout (a recv of 30 s) bounds the wait for a request's
+        # first byte; from there the whole request has the collector's
+        # request deadline, however slowly its bytes come (issue #18, item 13).
+        try:
+            if not self.rfile.peek(1):  # type: ignore[attr-defined]  # a BufferedReader
+                self.close_connection = True
+                return
+        except OSError:  # TimeoutError included: an idle connection
+            self.close_connection = True
+            return
+        self.server.arriving(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.arrived(self.connection)
+
     def parse_request(self) -> bool:
         self._start_request()
         if not super().parse_request():
@@ -162,6 +179,7 @@ class CollectorHandler(BaseHTTPRequestHandler):
     ) -> None:
         if isinstance(body, (dict, list)):
             body = _encode(body)
+        self.server.arrived(self.connection)
         # Recorded before the answer leaves, so a client that has its answer
         # always finds the request in LocalCollector.requests.
         self._count_pace(status)
@@ -244,6 +262,12 @@ class CollectorHandler(BaseHTTPRequestHandler):
         Raises:
             _BadRequestError: On an unusable ``Content-Length`` or chunk size.
         """
+        try:
+            return self._read_whole_body()
+        finally:
+            self.server.arrived(self.connection)
+
+    def _read_whole_body(self) -> bool:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return self._read_chunked()
         length = ascii_int(self.headers.get("Content-Length", "0").strip())

@@ -28,6 +28,15 @@ logger = logging.getLogger("produl_server.collector")
 #: How long stop() waits for connection threads to finish closing.
 _STOP_JOIN_SECONDS = 5.0
 
+#: Connections served at once, one thread each; more are closed at once
+#: (issue #18, item 13: 3,000 slow connections made 3,002 threads).
+MAX_CONNECTIONS = 256
+
+#: Seconds one request may take to arrive, from its first byte to the last
+#: byte of its body; a slower one is cut (one byte every 20 s kept a thread
+#: forever, since each read stayed under the idle timeout).
+REQUEST_DEADLINE = 30.0
+
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -42,6 +51,9 @@ class _HTTPServer(ThreadingHTTPServer):
         self.collector = collector
         self._lock = threading.Lock()
         self._open: dict[threading.Thread, socket.socket] = {}
+        #: Requests arriving now, by socket: the monotonic time they are cut at.
+        self._arriving: dict[socket.socket, float] = {}
+        self._refused_logged = False
         super().__init__(address, CollectorHandler)
 
     def server_bind(self) -> None:
@@ -52,6 +64,18 @@ class _HTTPServer(ThreadingHTTPServer):
         self.server_port = int(self.server_address[1])
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            full = len(self._open) >= self.collector.max_connections
+        if full:
+            if not self._refused_logged:
+                self._refused_logged = True
+                logger.warning(
+                    "%d connections open, the most this collector serves at once; "
+                    "closing new ones until some end (logged once)",
+                    self.collector.max_connections,
+                )
+            self.shutdown_request(request)
+            return
         thread = threading.Thread(
             target=self._serve_connection,
             args=(request, client_address),
@@ -69,6 +93,28 @@ class _HTTPServer(ThreadingHTTPServer):
         finally:
             with self._lock:
                 self._open.pop(threading.current_thread(), None)
+
+    def arriving(self, sock: socket.socket) -> None:
+        """A request began to arrive on *sock*: cut it at the request deadline."""
+        with self._lock:
+            self._arriving[sock] = time.monotonic() + self.collector.request_deadline
+
+    def arrived(self, sock: socket.socket) -> None:
+        """The request on *sock* has arrived whole (or its connection ends)."""
+        with self._lock:
+            self._arriving.pop(sock, None)
+
+    def service_actions(self) -> None:
+        # Called by serve_forever every poll interval (0.05 s): no thread of
+        # its own is needed to cut requests that arrive too slowly.
+        now = time.monotonic()
+        with self._lock:
+            late = [sock for sock, deadline in self._arriving.items() if deadline <= now]
+            for sock in late:
+                del self._arriving[sock]
+        for sock in late:
+            logger.debug("a request took over %g s to arrive; cut", self.collector.request_deadline)
+            _shutdown(sock)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The default prints a traceback to stderr; a client vanishing is
@@ -121,10 +167,14 @@ class CollectorServer:
         on_event: Called with each stored event, on the connection's thread.
         redis_url: A Redis whose fleet quota windows (``redis_url`` of the
             clients) ``/api/pace`` and the live page show; needs ``redis``.
+        max_connections: Connections served at once (one thread each);
+            more are closed as soon as they are accepted.
+        request_deadline: Seconds a request may take to arrive, from its
+            first byte to its body's last; a slower one is cut.
 
     Raises:
         ValueError: When ``server_key`` or ``access_token`` is empty, or a
-            rate-limit option is invalid.
+            rate-limit, connection or deadline option is invalid.
     """
 
     def __init__(
@@ -144,11 +194,21 @@ class CollectorServer:
         record_requests: bool = False,
         on_event: Callable[[StoredEvent], None] | None = None,
         redis_url: str | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        request_deadline: float = REQUEST_DEADLINE,
     ) -> None:
         if not server_key:
             raise ValueError("the collector needs a server key")
         if access_token is not None and not access_token:
             raise ValueError("the access token must not be empty")
+        if not 1 <= max_connections <= 100_000:
+            raise ValueError(f"max_connections must be 1 to 100000, not {max_connections}")
+        if not 0 < request_deadline <= 3600:
+            raise ValueError(
+                f"request_deadline must be over 0 and at most 3600, not {request_deadline}"
+            )
+        self.max_connections = max_connections
+        self.request_deadline = float(request_deadline)
         self.store = store
         self.server_key = server_key
         #: Unlocks ``GET``/``DELETE /api/events`` (as does the server key).
