@@ -19,13 +19,14 @@ N = 100
 HOLD = {"flush_at": 1000, "flush_interval": 600, "max_delay": 600}
 
 
-def run_jobs(spawn, collector, redis_url, kind, connect=True):
+def run_jobs(spawn, collector, redis_url, kind, connect=True, **extra):
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     assert redis_command(port, "FLUSHALL") == "+OK"
     env = app_env(
         collector,
         DEMO_PRODUL_OPTIONS=json.dumps(HOLD),
         DEMO_CONNECT="1" if connect else "0",
+        **extra,
     )
     send = subprocess.run(
         [
@@ -92,3 +93,13 @@ def test_fork_worker_loses_every_event_without_the_integration(spawn, produl_col
     stop_warm(worker)
     print(f"rq fork without connect(): {len(produl_collector.events)} of {N} delivered")
     assert produl_collector.events == []
+
+
+def test_flush_after_job_delivers_while_the_worker_runs(spawn, produl_collector, redis_url):
+    worker = run_jobs(spawn, produl_collector, redis_url, "simple", DEMO_FLUSH_AFTER_JOB="1")
+    # The client holds events for 10 minutes and SimpleWorker never exits a
+    # horse: only the per-job flush can deliver them before the shutdown.
+    produl_collector.wait_for(N, timeout=30)
+    assert numbers(produl_collector) == list(range(N))
+    stop_warm(worker)
+    assert numbers(produl_collector) == list(range(N))
