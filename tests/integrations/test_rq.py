@@ -103,3 +103,23 @@ def test_flush_after_job_delivers_while_the_worker_runs(spawn, produl_collector,
     assert numbers(produl_collector) == list(range(N))
     stop_warm(worker)
     assert numbers(produl_collector) == list(range(N))
+
+
+def test_disconnect_puts_rq_back(make_client):
+    from rq.worker import BaseWorker
+
+    from produl_server.integrations import rq as produl_rq
+
+    original = BaseWorker.perform_job
+    first, second = make_client(), make_client()
+    produl_rq.connect(first)
+    produl_rq.connect(second)
+    produl_rq.connect(first)  # once per client, and RQ is patched once
+    try:
+        assert BaseWorker.perform_job is not original
+        assert BaseWorker.perform_job.__wrapped__ is original
+        produl_rq.disconnect(first)
+        assert BaseWorker.perform_job is not original
+    finally:
+        produl_rq.disconnect()
+    assert BaseWorker.perform_job is original
