@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import queue
+import re
 import signal
 import socket
 import sqlite3
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 TIMEOUT = 30.0
 KEY = "sk_cli_secret_abcdef123456"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 ESC = "\x1b"
 #: The issue's repro, plus a C1 CSI and a bidi override in other fields.
 HOSTILE_REFERRER = "https://x/\x1b]0;pwned\x07\x1b[2J\x1b[31mFAKE"
@@ -294,3 +296,37 @@ def test_events_on_a_corrupted_database_is_one_line_not_a_traceback(
         assert result.stderr.count("\n") == 1, result.stderr
         assert "malformed" in result.stderr
         assert result.stdout == ""
+
+
+# -- issue 23: the tutorial shows what the command prints ------------------------------
+
+
+def _normalized(lines: list[str]) -> list[str]:
+    rules = [
+        (r"127\.0\.0\.1:\d+", "127.0.0.1:PORT"),
+        (r"#token=[A-Za-z0-9_-]+", "#token=TOKEN"),
+        (r"sk_local_[0-9a-f]+", "sk_local_KEY"),
+        (r"events in:  \S+", "events in:  DB"),
+    ]
+    out = []
+    for line in lines:
+        text = line
+        for pattern, placeholder in rules:
+            text = re.sub(pattern, placeholder, text)
+        out.append(text.strip())
+    return out
+
+
+def test_the_tutorial_shows_what_the_collector_prints(tmp_path: pathlib.Path) -> None:
+    tutorial = (ROOT / "docs" / "tutorial.rst").read_text(encoding="utf-8")
+    block = tutorial.split("(.venv) $ produl-server collector\n", 1)[1].split("\n\n", 1)[0]
+    shown = _normalized(block.splitlines())
+    collector = Running(produl_server("collector", "--port", "0", "--db", str(tmp_path / "e.db")))
+    try:
+        printed = _normalized(collector.seen)
+    finally:
+        collector.stop()
+    assert shown == printed
+    # The page the tutorial sends the reader to is the one printed, with its
+    # token: the bare address answers "locked".
+    assert re.findall(r"http://127\.0\.0\.1:8787/(?!#token=)", tutorial) == []
