@@ -7,6 +7,7 @@ package and its test extra.
 
 from __future__ import annotations
 
+import configparser
 import os
 import pathlib
 import subprocess
@@ -67,3 +68,21 @@ def test_the_slow_tier_skips_missing_frameworks_with_a_reason(tmp_path: pathlib.
     assert "error" not in done.stdout.lower()
     assert "could not import 'httpx'" in done.stdout
     assert "test_asgi_uvicorn.py" in done.stdout
+
+
+def test_the_default_tox_run_needs_only_the_running_python() -> None:
+    # Issue 23: the README's one command failed on a machine with one Python
+    # ("could not find python interpreter" for py310, py312, py313, tests-min).
+    tox = configparser.ConfigParser(interpolation=None)
+    tox.read(ROOT / "tox.ini", encoding="utf-8")
+    default = [name.strip() for name in tox["tox"]["env_list"].split(",")]
+    assert default == ["lint", "typing", "pkg", "docs", "py", "integration"]
+    pinned = [name for name in default if tox.has_option(f"testenv:{name}", "basepython")]
+    assert pinned == []
+    # Every supported Python, and the floors, in the second command.
+    labels = {
+        key.strip(): value
+        for key, value in (line.split("=", 1) for line in tox["tox"]["labels"].strip().splitlines())
+    }
+    pythons = [name.strip() for name in labels["pythons"].split(",")]
+    assert pythons == ["py310", "py311", "py312", "py313", "tests-min"]
