@@ -330,3 +330,35 @@ def test_the_tutorial_shows_what_the_collector_prints(tmp_path: pathlib.Path) ->
     # The page the tutorial sends the reader to is the one printed, with its
     # token: the bare address answers "locked".
     assert re.findall(r"http://127\.0\.0\.1:8787/(?!#token=)", tutorial) == []
+
+
+def test_sigterm_ends_the_process_soon_after_stopped(tmp_path: pathlib.Path) -> None:
+    # Issue 23: the collector was reported alive 1.5 s after printing
+    # "Stopped". Open an idle keep-alive connection and a half-sent request,
+    # store an event, then SIGTERM: "Stopped" and the exit must both come.
+    collector = Running(
+        produl_server(
+            "collector", "--port", "0", "--db", str(tmp_path / "e.db"), "--server-key", KEY
+        )
+    )
+    held: list[socket.socket] = []
+    try:
+        pool = urllib3.PoolManager(retries=False, timeout=10.0)
+        event = {"t": "pv", "p": "/", "u": "https://x/", "vi": "v1"}
+        assert post(pool, collector.url, event) == 204
+        for body in (
+            b"",
+            b"POST /api/collect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99\r\n\r\n{",
+        ):
+            sock = socket.create_connection(("127.0.0.1", collector.port), timeout=10.0)
+            sock.sendall(body)
+            held.append(sock)
+        collector.proc.send_signal(signal.SIGTERM)
+        collector.expect("Stopped")
+        # Generous for a loaded machine; it took about 0.02 s here.
+        collector.proc.wait(10.0)
+    finally:
+        for sock in held:
+            sock.close()
+        collector.stop()
+    assert collector.proc.returncode == 0
