@@ -7,11 +7,13 @@ Every measured piece runs in a fresh interpreter started by
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "BENCH-RESULT "
 #: Children start here, not in the repository: ``python -m`` puts the working
 #: directory first on ``sys.path``, which would hide ``--sdk``'s checkout.
-NEUTRAL_CWD = tempfile.gettempdir()
+#: A private, empty directory (mode 0700), not the shared temp directory,
+#: where any module another program left (an ``attrs.py``) would be imported
+#: instead of the real one (issue 23). The first process makes it and removes
+#: it at exit; its children (which leave by ``os._exit``) inherit it through
+#: ``BENCH_NEUTRAL_CWD`` rather than make their own.
+NEUTRAL_CWD = os.environ.get("BENCH_NEUTRAL_CWD") or ""
+if not NEUTRAL_CWD or not os.path.isdir(NEUTRAL_CWD):
+    NEUTRAL_CWD = os.environ["BENCH_NEUTRAL_CWD"] = tempfile.mkdtemp(prefix="produl-bench-cwd-")
+    atexit.register(shutil.rmtree, NEUTRAL_CWD, ignore_errors=True)
 
 
 #: Set by ``python -m bench --sdk PATH``: measure the produl_server found in

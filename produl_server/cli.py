@@ -139,6 +139,10 @@ def _collector_server(args: argparse.Namespace, store: SqliteStore, key: str) ->
         raise CommandError(str(exc)) from None
 
 
+#: How often ``collector``'s main thread wakes to run a pending signal handler.
+_SIGNAL_CHECK_SECONDS = 0.2
+
+
 def cmd_collector(args: argparse.Namespace) -> int:
     """Run a collector until Ctrl-C or SIGTERM.
 
@@ -185,7 +189,14 @@ def cmd_collector(args: argparse.Namespace) -> int:
         else:
             _out(f"  PRODUL_SERVER_KEY=<the key you passed, {mask_key(key)}>")
         _out("Press Ctrl-C to stop.")
-        threading.Event().wait()  # until SIGINT or SIGTERM raises KeyboardInterrupt
+        # Until SIGINT or SIGTERM raises KeyboardInterrupt. Not one endless
+        # wait: the kernel may hand a process's SIGTERM to a connection
+        # thread, and Python runs the handler only when the main thread next
+        # runs bytecode, which an untimed lock wait never does (issue 23: the
+        # collector outlived SIGTERM). A short timeout bounds that delay.
+        idle = threading.Event()
+        while not idle.wait(_SIGNAL_CHECK_SECONDS):
+            pass
     except KeyboardInterrupt:
         pass  # Ctrl-C is how this command ends, even during startup
     finally:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
+
+import pytest
 
 import produl_server
 
@@ -13,16 +16,11 @@ IMPORTED = pathlib.Path(produl_server.__file__).resolve().parent
 # Tests must run against what users install (the wheel), not the working tree:
 # a module missing from the wheel would otherwise pass here and fail for them.
 # PRODUL_TEST_ALLOW_CHECKOUT=1 is for a quick local loop with PYTHONPATH=.
-if IMPORTED == CHECKOUT and os.environ.get("PRODUL_TEST_ALLOW_CHECKOUT") != "1":
-    raise RuntimeError(
-        f"the tests imported produl_server from the checkout ({IMPORTED}); "
-        "run them through tox, which installs the wheel"
-    )
+# pytest_configure below refuses it.
 
 pytest_plugins = ["produl_server.pytest_plugin"]
 
 
-import pytest  # noqa: E402
 from support import RedisServer, require_tool  # noqa: E402
 
 from produl_server import Produl  # noqa: E402
@@ -30,6 +28,31 @@ from produl_server.testing import LocalCollector  # noqa: E402
 
 #: The slow tier: real frameworks and servers, the browser, the benchmarks.
 _INTEGRATION = ("integrations", "test_web_browser.py", "test_bench_smoke.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Say in one line what to do when the tests cannot run as they are.
+
+    A bare ``pytest`` after ``pip install . pytest`` (issue 23) stopped on
+    pyproject's unknown ``timeout`` option, or later on a missing ``redis``;
+    the checkout's package must not stand in for the installed one.
+    """
+    missing = [
+        name
+        for module, name in (("pytest_timeout", "pytest-timeout"), ("redis", "redis"))
+        if importlib.util.find_spec(module) is None
+    ]
+    if missing:
+        raise pytest.UsageError(
+            f"the tests need {', '.join(missing)}: install the package with its test extra, "
+            "python -m pip install '.[tests]', then run pytest again"
+        )
+    if IMPORTED == CHECKOUT and os.environ.get("PRODUL_TEST_ALLOW_CHECKOUT") != "1":
+        raise pytest.UsageError(
+            f"the tests imported produl_server from the checkout ({IMPORTED}), not the "
+            "installed package: run a bare `pytest` (`python -m pytest` puts the current "
+            "directory first on sys.path) after python -m pip install '.[tests]', or tox"
+        )
 
 
 def pytest_ignore_collect(collection_path: pathlib.Path, config: pytest.Config) -> bool | None:

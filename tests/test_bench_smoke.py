@@ -158,3 +158,28 @@ class _Sink:
 
     def flush(self) -> None:
         pass
+
+
+def test_children_ignore_modules_left_in_the_temp_directory(tmp_path: pathlib.Path) -> None:
+    # Issue 23: the children ran with the shared temp directory as their
+    # working directory, first on sys.path under ``python -m``, so a stray
+    # attrs.py there replaced the real one.
+    shared_tmp = tmp_path / "shared-tmp"
+    shared_tmp.mkdir()
+    (shared_tmp / "attrs.py").write_text("raise ImportError('stray attrs.py imported')\n")
+    code = (
+        "from bench import _proc\n"
+        "print('ratio', _proc.run_child('_stats', 'ratio', {'value': 3.0, 'floor': 1.5}, 60))\n"
+    )
+    env = {**os.environ, "TMPDIR": str(shared_tmp), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ratio 2.0" in done.stdout

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import queue
+import re
 import signal
 import socket
 import sqlite3
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 TIMEOUT = 30.0
 KEY = "sk_cli_secret_abcdef123456"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 ESC = "\x1b"
 #: The issue's repro, plus a C1 CSI and a bidi override in other fields.
 HOSTILE_REFERRER = "https://x/\x1b]0;pwned\x07\x1b[2J\x1b[31mFAKE"
@@ -294,3 +296,69 @@ def test_events_on_a_corrupted_database_is_one_line_not_a_traceback(
         assert result.stderr.count("\n") == 1, result.stderr
         assert "malformed" in result.stderr
         assert result.stdout == ""
+
+
+# -- issue 23: the tutorial shows what the command prints ------------------------------
+
+
+def _normalized(lines: list[str]) -> list[str]:
+    rules = [
+        (r"127\.0\.0\.1:\d+", "127.0.0.1:PORT"),
+        (r"#token=[A-Za-z0-9_-]+", "#token=TOKEN"),
+        (r"sk_local_[0-9a-f]+", "sk_local_KEY"),
+        (r"events in:  \S+", "events in:  DB"),
+    ]
+    out = []
+    for line in lines:
+        text = line
+        for pattern, placeholder in rules:
+            text = re.sub(pattern, placeholder, text)
+        out.append(text.strip())
+    return out
+
+
+def test_the_tutorial_shows_what_the_collector_prints(tmp_path: pathlib.Path) -> None:
+    tutorial = (ROOT / "docs" / "tutorial.rst").read_text(encoding="utf-8")
+    block = tutorial.split("(.venv) $ produl-server collector\n", 1)[1].split("\n\n", 1)[0]
+    shown = _normalized(block.splitlines())
+    collector = Running(produl_server("collector", "--port", "0", "--db", str(tmp_path / "e.db")))
+    try:
+        printed = _normalized(collector.seen)
+    finally:
+        collector.stop()
+    assert shown == printed
+    # The page the tutorial sends the reader to is the one printed, with its
+    # token: the bare address answers "locked".
+    assert re.findall(r"http://127\.0\.0\.1:8787/(?!#token=)", tutorial) == []
+
+
+def test_sigterm_ends_the_process_soon_after_stopped(tmp_path: pathlib.Path) -> None:
+    # Issue 23: the collector was reported alive 1.5 s after printing
+    # "Stopped". Open an idle keep-alive connection and a half-sent request,
+    # store an event, then SIGTERM: "Stopped" and the exit must both come.
+    collector = Running(
+        produl_server(
+            "collector", "--port", "0", "--db", str(tmp_path / "e.db"), "--server-key", KEY
+        )
+    )
+    held: list[socket.socket] = []
+    try:
+        pool = urllib3.PoolManager(retries=False, timeout=10.0)
+        event = {"t": "pv", "p": "/", "u": "https://x/", "vi": "v1"}
+        assert post(pool, collector.url, event) == 204
+        for body in (
+            b"",
+            b"POST /api/collect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99\r\n\r\n{",
+        ):
+            sock = socket.create_connection(("127.0.0.1", collector.port), timeout=10.0)
+            sock.sendall(body)
+            held.append(sock)
+        collector.proc.send_signal(signal.SIGTERM)
+        collector.expect("Stopped")
+        # Generous for a loaded machine; it took about 0.02 s here.
+        collector.proc.wait(10.0)
+    finally:
+        for sock in held:
+            sock.close()
+        collector.stop()
+    assert collector.proc.returncode == 0

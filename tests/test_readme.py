@@ -72,3 +72,21 @@ def test_readme_examples_deliver_to_the_local_collector(produl_collector):
     }
     assert events[2]["n"] == "signup"
     assert events[2]["pr"] == {"plan": "team"}
+
+
+def test_install_commands_work_from_a_clone():
+    # Issue 23: "pip install produl-server" finds nothing until a release is
+    # published; every install command in the README and the docs must work
+    # from a clone.
+    root = README.parent
+    pages = [README, *sorted((root / "docs").rglob("*.rst"))]
+    unpublished = re.compile(r"pip install\s+['\"]?produl-server")
+    wrong = [
+        f"{page.relative_to(root)}: {line.strip()}"
+        for page in pages
+        if page.name != "changelog.rst"
+        for line in page.read_text(encoding="utf-8").splitlines()
+        if unpublished.search(line)
+    ]
+    assert wrong == []
+    assert "$ python -m pip install .\n" in README.read_text(encoding="utf-8")

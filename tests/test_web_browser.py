@@ -91,7 +91,7 @@ def test_events_sent_through_the_sdk_appear_live(
     expect(page.locator("#status")).to_contain_text("live")
     expect(page.locator("#empty")).to_be_visible()
 
-    produl.track_pageview(path="/pricing", visitor_id="cus_42", session_key="s-1")
+    produl.track_pageview(path="/pricing", title="Pricing", visitor_id="cus_42", session_key="s-1")
     produl.track_event(
         "invoice_paid", {"amount_cents": 4900, "currency": "usd"}, visitor_id="cus_42"
     )
@@ -101,12 +101,14 @@ def test_events_sent_through_the_sdk_appear_live(
     newest = rows(page).nth(0).locator("td")
     expect(newest.nth(1)).to_have_text("event")
     expect(newest.nth(2)).to_have_text("invoice_paid")
-    expect(newest.nth(4)).to_have_text("cus_42")
-    expect(newest.nth(6)).to_have_text('{"amount_cents":4900,"currency":"usd"}')
+    expect(newest.nth(5)).to_have_text("cus_42")
+    expect(newest.nth(7)).to_have_text('{"amount_cents":4900,"currency":"usd"}')
     oldest = rows(page).nth(1).locator("td")
     expect(oldest.nth(1)).to_have_text("pageview")
     expect(oldest.nth(3)).to_have_text("/pricing")
-    expect(oldest.nth(5)).to_have_text("s-1")
+    expect(oldest.nth(4)).to_have_text("Pricing")  # the Title column (issue 23)
+    expect(oldest.nth(6)).to_have_text("s-1")
+    expect(page.locator("thead th").nth(4)).to_have_text("Title")
     expect(page.locator('#counts li[data-name="invoice_paid"] b')).to_have_text("1")
     expect(page.locator('#counts li[data-name="pageview"] b')).to_have_text("1")
     expect(page.locator("#empty")).to_be_hidden()
@@ -137,7 +139,7 @@ def test_filters_narrow_the_table(page: Any, produl: Produl) -> None:
     expect(rows(page)).to_have_count(2)
     page.fill("#filter-name", "signup")
     expect(rows(page)).to_have_count(1)
-    expect(rows(page).nth(0).locator("td").nth(4)).to_have_text("b")
+    expect(rows(page).nth(0).locator("td").nth(5)).to_have_text("b")
 
 
 def test_event_content_is_shown_as_text_not_markup(page: Any, produl: Produl) -> None:
@@ -284,6 +286,22 @@ def test_pace_chart_shows_a_burst_its_429s_and_the_quota(
         assert text in page.locator("#pace-chart-title").text_content()
         assert page.get_attribute("#pace-chart", "role") == "img"
         expect(page.locator("#pace-quota")).to_have_count(1)
+        # The count in the last 60 s against the quota per minute, on its own
+        # scale (issue 23): the per-second quota line lies flat after a burst.
+        expect(page.locator("#pace-minute")).to_have_attribute("data-last-minute", "12")
+        expect(page.locator("#pace-minute-quota")).to_have_count(1)
+        expect(page.locator("#pace-chart")).to_contain_text("last 60 s: 12 of 5")
+        minute_y, quota_y, bottom = page.evaluate(
+            """() => {
+                const points = document.querySelector("#pace-minute").getAttribute("points");
+                const last = points.trim().split(" ").pop().split(",");
+                const quota = document.querySelector("#pace-minute-quota");
+                const axis = document.querySelector("#pace-chart line.axis");
+                const y = (node) => Number(node.getAttribute("y1"));
+                return [Number(last[1]), y(quota), y(axis)];
+            }"""
+        )
+        assert minute_y < quota_y < bottom  # 12 is above the quota of 5, both off the axis
 
         page.screenshot(path=str(artifacts / "collector-pace.png"), full_page=True)
     finally:

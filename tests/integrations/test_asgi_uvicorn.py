@@ -7,10 +7,10 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 from integration_support import app_env, serve_gunicorn, serve_uvicorn
 
+httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 

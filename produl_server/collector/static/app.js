@@ -64,6 +64,7 @@ function renderEvents(events) {
         : cell((ev.t === "pv" ? "pageview" : "event") + " · keyless, untrusted", "untrusted"),
       cell(ev.n),
       cell(ev.p),
+      cell(ev.ti, "title"),
       cell(ev.vi),
       cell(ev.sk),
       cell(ev.pr === undefined ? "" : JSON.stringify(ev.pr), "props"),
@@ -127,7 +128,7 @@ async function poll() {
 
 const PACE_MS = 1000;
 // The chart's coordinate system (the SVG's viewBox) and the plot's margins.
-const CHART = { width: 900, height: 160, left: 44, right: 8, top: 12, bottom: 24 };
+const CHART = { width: 900, height: 160, left: 44, right: 52, top: 12, bottom: 24 };
 
 function svgNode(name, attributes, text) {
   // The namespace comes from the <svg> in the page: no URL in this file.
@@ -241,6 +242,48 @@ function paceQuota(pace, scale) {
   ];
 }
 
+function minuteCounts(pace) {
+  // For each second of the window, the requests in the 60 s ending there:
+  // what the quota counts, so the line shows how full the minute is.
+  const perSecond = new Map(pace.seconds.map((second) => [second.t, second.requests]));
+  const counts = [];
+  let running = 0;
+  for (let t = pace.now - pace.window - 59; t <= pace.now; t += 1) {
+    running += perSecond.get(t) || 0;
+    running -= perSecond.get(t - 60) || 0;
+    if (t > pace.now - pace.window) counts.push({ t, count: running });
+  }
+  return counts;
+}
+
+function paceMinute(pace, scale) {
+  // The count in the last 60 s on its own scale (right axis), against the
+  // quota per minute: a per-second quota line lies flat after a burst.
+  const counts = minuteCounts(pace);
+  const quota = pace.quota_per_minute;
+  const most = Math.max(1, ...counts.map((point) => point.count));
+  const top = roundUp(Math.max(most, quota === null ? 0 : quota * 1.2));
+  const y = (count) => CHART.top + (scale.bottom - CHART.top) * (1 - count / top);
+  const right = CHART.width - CHART.right;
+  const points = counts.map((point) => `${scale.x(point.t) + scale.step / 2},${y(point.count)}`);
+  const now = counts.length ? counts[counts.length - 1].count : 0;
+  const nodes = [
+    svgNode("line", { class: "axis", x1: right, x2: right, y1: CHART.top, y2: scale.bottom }),
+    svgNode("text", { class: "tick minute-tick", x: right + 4, y: CHART.top + 10 }, decimal(top) + "/60s"),
+    svgNode("text", { class: "tick minute-tick", x: right + 4, y: scale.bottom }, "0"),
+    svgNode("polyline", { id: "pace-minute", class: "minute", points: points.join(" "), "data-last-minute": now }),
+  ];
+  if (quota !== null) {
+    const quotaY = y(quota);
+    nodes.push(
+      svgNode("line", { id: "pace-minute-quota", class: "minute-quota", x1: CHART.left, x2: right, y1: quotaY, y2: quotaY }),
+      svgNode("text", { class: "minute-label", x: right - 6, y: Math.max(CHART.top + 10, quotaY - 4), "text-anchor": "end" },
+        `last 60 s: ${decimal(now)} of ${decimal(quota)}`),
+    );
+  }
+  return nodes;
+}
+
 function fleetSummary(fleet) {
   // Started with --redis: the fleet's quota windows, as the clients share them.
   if (fleet.error) return `Fleet quota (${fleet.redis}): ${fleet.error}.`;
@@ -255,7 +298,7 @@ function renderPace(pace) {
   const title = svgNode("title", { id: "pace-chart-title" }, summary);
   const scale = paceScale(pace);
   const bars = pace.seconds.map((second) => paceBar(second, scale));
-  chart.replaceChildren(title, ...paceAxes(pace, scale), ...bars, ...paceQuota(pace, scale));
+  chart.replaceChildren(title, ...paceAxes(pace, scale), ...bars, ...paceQuota(pace, scale), ...paceMinute(pace, scale));
   chart.setAttribute("aria-label", summary);
   $("pace-summary").textContent = summary;
   const fleet = $("pace-fleet");
