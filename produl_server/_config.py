@@ -31,6 +31,7 @@ QUOTA_KEY_ENV = "PRODUL_QUOTA_KEY"
 #: The type of ``on_error``: ``on_error(error, event)``, where *event* is the
 #: wire dict of the dropped event (or the call's arguments, for an invalid one).
 ErrorHook = Callable[[DeliveryError, Mapping[str, Any]], object]
+BeforeSend = Callable[[dict[str, Any]], dict[str, Any] | None]
 
 
 def mask_key(key: str) -> str:
@@ -186,9 +187,9 @@ def _check_url(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None
         raise ConfigurationError(f"api_url must not have a query or fragment: {shown!r}")
 
 
-def _check_hook(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
+def _check_hook(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not callable(value):
-        raise ConfigurationError(f"on_error must be callable, not {type(value).__name__}")
+        raise ConfigurationError(f"{attribute.name} must be callable, not {type(value).__name__}")
 
 
 def _check_verify(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -334,6 +335,8 @@ class Config:
         retry_max_delay: The largest backoff between two attempts.
         raise_on_invalid: False turns invalid input into a counted drop.
         on_error: The error hook, or None.
+        before_send: Called with each event's wire dict before it is
+            queued; returns it (possibly changed) or None to drop it.
         proxy: An HTTP(S) proxy URL, or None for the environment's.
         verify: TLS verification: True, False or a CA bundle path.
         shared_quota: Pace with every client of this user on this host that
@@ -365,6 +368,7 @@ class Config:
     retry_max_delay: float = attrs.field(default=30.0, validator=_check_number())
     raise_on_invalid: bool = attrs.field(default=True, validator=_check_bool)
     on_error: ErrorHook | None = attrs.field(default=None, validator=_check_hook)
+    before_send: BeforeSend | None = attrs.field(default=None, validator=_check_hook)
     proxy: str | None = attrs.field(default=None, repr=_repr_proxy, validator=_check_proxy)
     verify: bool | str = attrs.field(default=True, validator=_check_verify)
     shared_quota: bool = attrs.field(default=True, validator=_check_bool)

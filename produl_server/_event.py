@@ -419,3 +419,36 @@ def encode_pageview(
     if referrer is not None:
         wire["r"] = _string("referrer", referrer, 0, MAX_URL)
     return _finish(wire)
+
+
+_PAGEVIEW_KEYS = frozenset(("t", "p", "u", "vi", "sk", "ti", "r"))
+_EVENT_KEYS = frozenset(("t", "n", "p", "u", "vi", "sk", "pr"))
+
+
+def encode_wire(wire: object) -> bytes:
+    """Validate an event given in its wire words (``before_send``'s result) and encode it.
+
+    The dict is checked as the keyword arguments of ``track_*`` are: the
+    same rules, the same limits, an error naming the argument.
+
+    Raises:
+        InvalidEventError: Not a dict, an unknown or misplaced key, or a
+            value that breaks a rule.
+    """
+    if type(wire) is not dict:
+        raise InvalidEventError(
+            "before_send", f"must return a dict or None, not {type(wire).__name__}"
+        )
+    kind = wire.get("t")
+    allowed = _PAGEVIEW_KEYS if kind == PAGEVIEW else _EVENT_KEYS
+    if kind not in (PAGEVIEW, EVENT):
+        raise InvalidEventError("before_send", f"returned an event whose 't' is {kind!r}")
+    unknown = sorted(str(key) for key in wire if key not in allowed)
+    if unknown:
+        raise InvalidEventError(
+            "before_send", f"returned keys a {kind!r} event cannot carry: {', '.join(unknown)}"
+        )
+    get = wire.get
+    if kind == PAGEVIEW:
+        return encode_pageview(get("p"), get("vi"), get("u"), get("ti"), get("r"), get("sk"))
+    return encode_event(get("n"), get("pr"), get("vi"), get("p"), get("u"), get("sk"))

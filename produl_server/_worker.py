@@ -816,6 +816,12 @@ class Worker:
         log.warning("produl_server: event dropped (%s): %s", reason, text)
         core.call_hook(DeliveryError(reason, f"event dropped ({reason}): {text}"), item)
 
+    def drop_at_door(self, reason: str, error: DeliveryError | None, event: dict[str, Any]) -> None:
+        """Count an event dropped before it was queued; report *error* if there is one."""
+        self._core.ledger.refuse(reason)
+        if error is not None:
+            self._core.call_hook(error, event)
+
     def drop_invalid(self, error: Exception, call: dict[str, Any]) -> None:
         """Count, log and report a ``track_*`` call refused by validation.
 
