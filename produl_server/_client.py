@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
@@ -121,6 +122,11 @@ class Produl:
             raises, the event is dropped (counted as ``before_send_error``,
             logged once per cause, handed to ``on_error``): a privacy filter
             that failed must not let through what it was meant to remove.
+        default_properties: Properties every custom event carries, such as
+            ``environment``, ``release`` or ``service``, merged under the
+            event's own (the call's keys win; they count toward the size
+            limit). Validated and copied here. Default: the JSON object in
+            ``PRODUL_DEFAULT_PROPERTIES``, else none.
 
     Raises:
         ConfigurationError: No server key, or an invalid option.
@@ -154,6 +160,7 @@ class Produl:
         redis_url: str | None = None,
         quota_key: str | None = None,
         before_send: BeforeSend | None = None,
+        default_properties: Mapping[str, Any] | None = None,
     ) -> None:
         self._config = Config.from_env(
             server_key,
@@ -181,9 +188,11 @@ class Produl:
             redis_url=redis_url,
             quota_key=quota_key,
             before_send=before_send,
+            default_properties=default_properties,
         )
         self._worker = Worker(self._config)
         self._before_send = before_send
+        self._defaults = self._config.default_properties
         self._enabled = enabled
         self._raise = raise_on_invalid
         if enabled:
@@ -288,6 +297,11 @@ class Produl:
                 argument or key path (unless ``raise_on_invalid=False``).
                 Nothing is queued.
         """
+        if self._defaults is not None:
+            if properties is None:
+                properties = self._defaults
+            elif isinstance(properties, Mapping):
+                properties = {**self._defaults, **properties}
         try:
             body = encode_event(name, properties, visitor_id, path, url, session_key)
         except InvalidEventError as exc:

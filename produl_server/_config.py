@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -16,8 +17,8 @@ from urllib.parse import unquote
 import attrs
 from urllib3.util import parse_url
 
-from ._protocol import DEFAULT_API_URL
-from .exceptions import ConfigurationError, DeliveryError
+from ._protocol import DEFAULT_API_URL, MAX_BODY
+from .exceptions import ConfigurationError, DeliveryError, InvalidEventError
 
 log = logging.getLogger("produl_server")
 
@@ -27,6 +28,7 @@ SPOOL_ENV = "PRODUL_SPOOL_DIR"
 QUOTA_DIR_ENV = "PRODUL_QUOTA_DIR"
 REDIS_ENV = "PRODUL_REDIS_URL"
 QUOTA_KEY_ENV = "PRODUL_QUOTA_KEY"
+DEFAULT_PROPERTIES_ENV = "PRODUL_DEFAULT_PROPERTIES"
 
 #: The type of ``on_error``: ``on_error(error, event)``, where *event* is the
 #: wire dict of the dropped event (or the call's arguments, for an invalid one).
@@ -278,6 +280,38 @@ def _directory(value: Any) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
+def _default_properties(value: Any) -> dict[str, Any] | None:
+    """Validate and snapshot ``default_properties`` once, as ``track_event`` would."""
+    from ._event import clean_properties  # noqa: PLC0415 -- _event imports nothing of ours back
+
+    if value is None:
+        return None
+    try:
+        cleaned = clean_properties(value)
+    except InvalidEventError as exc:
+        text = str(exc)
+        if text.startswith("properties"):
+            text = text[len("properties") :]
+        raise ConfigurationError(f"default_properties{text}") from None
+    size = len(json.dumps(cleaned, ensure_ascii=False).encode())
+    if size > MAX_BODY:
+        raise ConfigurationError(
+            f"default_properties encode to {size} bytes, over the {MAX_BODY}-byte "
+            "limit of one request"
+        )
+    return cleaned
+
+
+def _json_object(name: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name} must be a JSON object: {exc}") from None
+    if type(value) is not dict:
+        raise ConfigurationError(f"{name} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
 def _check_rpm(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is None:
         return
@@ -337,6 +371,8 @@ class Config:
         on_error: The error hook, or None.
         before_send: Called with each event's wire dict before it is
             queued; returns it (possibly changed) or None to drop it.
+        default_properties: Properties merged under every custom event's
+            own (the call's keys win), validated and copied once.
         proxy: An HTTP(S) proxy URL, or None for the environment's.
         verify: TLS verification: True, False or a CA bundle path.
         shared_quota: Pace with every client of this user on this host that
@@ -369,6 +405,9 @@ class Config:
     raise_on_invalid: bool = attrs.field(default=True, validator=_check_bool)
     on_error: ErrorHook | None = attrs.field(default=None, validator=_check_hook)
     before_send: BeforeSend | None = attrs.field(default=None, validator=_check_hook)
+    default_properties: dict[str, Any] | None = attrs.field(
+        default=None, converter=_default_properties
+    )
     proxy: str | None = attrs.field(default=None, repr=_repr_proxy, validator=_check_proxy)
     verify: bool | str = attrs.field(default=True, validator=_check_verify)
     shared_quota: bool = attrs.field(default=True, validator=_check_bool)
@@ -435,6 +474,10 @@ class Config:
         ):
             if options.get(option) is None and environ.get(name):
                 options[option] = environ[name]
+        if options.get("default_properties") is None and environ.get(DEFAULT_PROPERTIES_ENV):
+            options["default_properties"] = _json_object(
+                DEFAULT_PROPERTIES_ENV, environ[DEFAULT_PROPERTIES_ENV]
+            )
         try:
             return cls(server_key=server_key, api_url=api_url, **options)
         except TypeError as exc:

@@ -252,6 +252,15 @@ def _properties(value: object) -> dict[str, Any]:
         raise InvalidEventError("properties", "nested too deeply") from None
 
 
+def clean_properties(value: object) -> dict[str, Any]:
+    """Validate and snapshot a properties dict, as ``track_event`` does.
+
+    Raises:
+        InvalidEventError: Naming the key path and the rule broken.
+    """
+    return _properties(value)
+
+
 def _short_repr(value: object) -> str:
     """repr() for an error message; a huge int's repr would itself raise."""
     if isinstance(value, int) and value.bit_length() > 64:
