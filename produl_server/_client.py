@@ -48,7 +48,11 @@ class Produl:
             environment variable.
         api_url: Where to send events. Default: ``PRODUL_API_URL``, else
             ``https://app.produl.tech``.
-        enabled: ``False`` validates every call but sends nothing.
+        enabled: ``False`` makes a client that validates every call but
+            sends nothing: it needs no server key, starts no thread and
+            opens no file (no spool, no shared quota, no Redis). Default:
+            the ``PRODUL_ENABLED`` environment variable (``0``, ``false``,
+            ``no`` or ``off`` turn it off), else ``True``.
         sync_mode: Send on the caller's thread, for hosts that cannot run
             threads. Each ``track_*`` call then waits for its request.
         flush_at: Send when this many events are queued.
@@ -129,7 +133,8 @@ class Produl:
             ``PRODUL_DEFAULT_PROPERTIES``, else none.
 
     Raises:
-        ConfigurationError: No server key, or an invalid option.
+        ConfigurationError: No server key (on an enabled client), or an
+            invalid option.
     """
 
     def __init__(
@@ -137,7 +142,7 @@ class Produl:
         server_key: str | None = None,
         *,
         api_url: str | None = None,
-        enabled: bool = True,
+        enabled: bool | None = None,
         sync_mode: bool = False,
         flush_at: int = 10,
         flush_interval: float = 5.0,
@@ -193,7 +198,7 @@ class Produl:
         self._worker = Worker(self._config)
         self._before_send = before_send
         self._defaults = self._config.default_properties
-        self._enabled = enabled
+        self._enabled = enabled = self._config.enabled
         self._raise = raise_on_invalid
         if enabled:
             with _live_lock:

@@ -29,6 +29,9 @@ QUOTA_DIR_ENV = "PRODUL_QUOTA_DIR"
 REDIS_ENV = "PRODUL_REDIS_URL"
 QUOTA_KEY_ENV = "PRODUL_QUOTA_KEY"
 DEFAULT_PROPERTIES_ENV = "PRODUL_DEFAULT_PROPERTIES"
+ENABLED_ENV = "PRODUL_ENABLED"
+_FALSE_WORDS = frozenset(("0", "false", "no", "off"))
+_TRUE_WORDS = frozenset(("1", "true", "yes", "on"))
 
 #: The type of ``on_error``: ``on_error(error, event)``, where *event* is the
 #: wire dict of the dropped event (or the call's arguments, for an invalid one).
@@ -118,7 +121,9 @@ def _check_bool(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None
         raise ConfigurationError(f"{attribute.name} must be True or False, not {_show(value)}")
 
 
-def _check_key(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
+def _check_key(inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
+    if inst.enabled is False and (value is None or value == ""):
+        return  # a disabled client sends nothing, so it needs no key
     if not isinstance(value, str) or not value.strip():
         raise ConfigurationError(
             f"no server key: pass server_key=... or set the {KEY_ENV} environment variable "
@@ -302,6 +307,16 @@ def _default_properties(value: Any) -> dict[str, Any] | None:
     return cleaned
 
 
+def _flag(name: str, text: str) -> bool:
+    """Read an on/off environment variable; unset or empty means on."""
+    word = text.strip().lower()
+    if not word or word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ConfigurationError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), not {text!r}")
+
+
 def _json_object(name: str, text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -474,6 +489,8 @@ class Config:
         ):
             if options.get(option) is None and environ.get(name):
                 options[option] = environ[name]
+        if options.get("enabled") is None:
+            options["enabled"] = _flag(ENABLED_ENV, environ.get(ENABLED_ENV, ""))
         if options.get("default_properties") is None and environ.get(DEFAULT_PROPERTIES_ENV):
             options["default_properties"] = _json_object(
                 DEFAULT_PROPERTIES_ENV, environ[DEFAULT_PROPERTIES_ENV]

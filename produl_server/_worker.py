@@ -37,7 +37,7 @@ from ._config import MAX_SECONDS, Config, mask_key
 from ._durable import Outbox, make_quota, open_outbox
 from ._ledger import Ledger, Stats
 from ._redis import FleetOutbox, open_fleet
-from ._schedule import Quota, Schedule, Verdict
+from ._schedule import Quota, RollingQuota, Schedule, Verdict
 from ._transport import Outcome, Transport
 from ._transport import Verdict as Answer
 from .exceptions import DeliveryError
@@ -698,9 +698,15 @@ class Worker:
         self._config = config
         self._make_transport = transport_factory
         self._clock = clock
-        self._quota: Quota = make_quota(config)
-        self._outbox: Outbox | FleetOutbox | None = open_outbox(config)
-        if config.redis_url is not None:
+        if not config.enabled:
+            # A disabled client sends nothing: it opens no quota file, no
+            # spool and no Redis connection.
+            self._quota: Quota = RollingQuota(None)
+            self._outbox: Outbox | FleetOutbox | None = None
+        else:
+            self._quota = make_quota(config)
+            self._outbox = open_outbox(config)
+        if config.enabled and config.redis_url is not None:
             self._quota, self._outbox = open_fleet(config, self._quota, self._outbox)
         self._reset()
         # Events spooled by an earlier run: deliver them now, first. Only the
