@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from ._config import BeforeSend, Config, ErrorHook, mask_key, mask_url
-from ._event import PageviewData, encode_event, encode_pageview, encode_wire
+from ._event import PageviewData, encode_event, encode_pageview, encode_wire, pseudonym
 from ._ledger import Stats
 from ._worker import Worker
 from .exceptions import DeliveryError, InvalidEventError
@@ -126,6 +126,12 @@ class Produl:
             raises, the event is dropped (counted as ``before_send_error``,
             logged once per cause, handed to ``on_error``): a privacy filter
             that failed must not let through what it was meant to remove.
+        visitor_id_secret: A secret (str or bytes, at least 16 bytes) that
+            turns every ``visitor_id`` and ``session_key`` into a keyed hash
+            (HMAC-SHA256, 64 hex digits) before the event reaches
+            ``before_send`` and the queue: the same id always gives the same
+            pseudonym, another secret another one. Default:
+            ``PRODUL_VISITOR_SECRET``, else ids are sent as given.
         default_properties: Properties every custom event carries, such as
             ``environment``, ``release`` or ``service``, merged under the
             event's own (the call's keys win; they count toward the size
@@ -166,6 +172,7 @@ class Produl:
         quota_key: str | None = None,
         before_send: BeforeSend | None = None,
         default_properties: Mapping[str, Any] | None = None,
+        visitor_id_secret: str | bytes | None = None,
     ) -> None:
         self._config = Config.from_env(
             server_key,
@@ -194,10 +201,12 @@ class Produl:
             quota_key=quota_key,
             before_send=before_send,
             default_properties=default_properties,
+            visitor_id_secret=visitor_id_secret,
         )
         self._worker = Worker(self._config)
         self._before_send = before_send
         self._defaults = self._config.default_properties
+        self._secret = self._config.visitor_id_secret
         self._enabled = enabled = self._config.enabled
         self._raise = raise_on_invalid
         if enabled:
@@ -261,6 +270,9 @@ class Produl:
             path, visitor_id, url = data.path, data.visitor_id, data.url
             title, referrer, session_key = data.title, data.referrer, data.session_key
         try:
+            if self._secret is not None:
+                visitor_id = pseudonym("visitor_id", visitor_id, self._secret)
+                session_key = pseudonym("session_key", session_key, self._secret)
             body = encode_pageview(path, visitor_id, url, title, referrer, session_key)
         except InvalidEventError as exc:
             self._refuse(exc, {"t": "pv", "p": path, "vi": visitor_id})
@@ -308,6 +320,9 @@ class Produl:
             elif isinstance(properties, Mapping):
                 properties = {**self._defaults, **properties}
         try:
+            if self._secret is not None:
+                visitor_id = pseudonym("visitor_id", visitor_id, self._secret)
+                session_key = pseudonym("session_key", session_key, self._secret)
             body = encode_event(name, properties, visitor_id, path, url, session_key)
         except InvalidEventError as exc:
             self._refuse(exc, {"t": "ev", "n": name, "vi": visitor_id})

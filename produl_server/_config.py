@@ -30,6 +30,8 @@ REDIS_ENV = "PRODUL_REDIS_URL"
 QUOTA_KEY_ENV = "PRODUL_QUOTA_KEY"
 DEFAULT_PROPERTIES_ENV = "PRODUL_DEFAULT_PROPERTIES"
 ENABLED_ENV = "PRODUL_ENABLED"
+VISITOR_SECRET_ENV = "PRODUL_VISITOR_SECRET"  # noqa: S105 -- a variable name
+MIN_SECRET_BYTES = 16
 _FALSE_WORDS = frozenset(("0", "false", "no", "off"))
 _TRUE_WORDS = frozenset(("1", "true", "yes", "on"))
 
@@ -307,6 +309,26 @@ def _default_properties(value: Any) -> dict[str, Any] | None:
     return cleaned
 
 
+def _secret(value: Any) -> bytes | None:
+    """``visitor_id_secret`` as bytes; never shown in an error."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raw = value.encode("utf-8", "surrogatepass")
+    elif isinstance(value, bytes | bytearray):
+        raw = bytes(value)
+    else:
+        raise ConfigurationError(
+            f"visitor_id_secret must be a str or bytes, not {type(value).__name__}"
+        )
+    if len(raw) < MIN_SECRET_BYTES:
+        raise ConfigurationError(
+            f"visitor_id_secret must be at least {MIN_SECRET_BYTES} bytes long, "
+            f"not {len(raw)}; use a long random value, e.g. secrets.token_hex(32)"
+        )
+    return raw
+
+
 def _flag(name: str, text: str) -> bool:
     """Read an on/off environment variable; unset or empty means on."""
     word = text.strip().lower()
@@ -388,6 +410,8 @@ class Config:
             queued; returns it (possibly changed) or None to drop it.
         default_properties: Properties merged under every custom event's
             own (the call's keys win), validated and copied once.
+        visitor_id_secret: The HMAC key that pseudonymizes visitor ids and
+            session keys (its repr is masked), or None.
         proxy: An HTTP(S) proxy URL, or None for the environment's.
         verify: TLS verification: True, False or a CA bundle path.
         shared_quota: Pace with every client of this user on this host that
@@ -422,6 +446,9 @@ class Config:
     before_send: BeforeSend | None = attrs.field(default=None, validator=_check_hook)
     default_properties: dict[str, Any] | None = attrs.field(
         default=None, converter=_default_properties
+    )
+    visitor_id_secret: bytes | None = attrs.field(
+        default=None, converter=_secret, repr=lambda value: "None" if value is None else "'***'"
     )
     proxy: str | None = attrs.field(default=None, repr=_repr_proxy, validator=_check_proxy)
     verify: bool | str = attrs.field(default=True, validator=_check_verify)
@@ -489,6 +516,8 @@ class Config:
         ):
             if options.get(option) is None and environ.get(name):
                 options[option] = environ[name]
+        if options.get("visitor_id_secret") is None and environ.get(VISITOR_SECRET_ENV):
+            options["visitor_id_secret"] = environ[VISITOR_SECRET_ENV]
         if options.get("enabled") is None:
             options["enabled"] = _flag(ENABLED_ENV, environ.get(ENABLED_ENV, ""))
         if options.get("default_properties") is None and environ.get(DEFAULT_PROPERTIES_ENV):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime
 import decimal
 import enum
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -259,6 +261,22 @@ def clean_properties(value: object) -> dict[str, Any]:
         InvalidEventError: Naming the key path and the rule broken.
     """
     return _properties(value)
+
+
+def pseudonym(field: str, value: object, secret: bytes) -> str | None:
+    """The keyed hash that replaces a visitor id or session key (``visitor_id_secret``).
+
+    The id is validated first, as it would be unhashed; ``None`` stays ``None``.
+    The result is the HMAC-SHA256 of the id's wire string, as 64 lowercase
+    hex digits: the same id and secret always give the same text.
+
+    Raises:
+        InvalidEventError: The id is not one ``track_*`` would accept.
+    """
+    if value is None:
+        return None
+    text = _ident(field, value)
+    return hmac.new(secret, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
 
 def _short_repr(value: object) -> str:
