@@ -8,7 +8,7 @@ True
 """
 
 from ._client import Produl
-from ._config import Config, ErrorHook
+from ._config import BeforeSend, Config, ErrorHook
 from ._event import PageviewData
 from ._ledger import Stats
 from ._version import __version__
@@ -26,6 +26,7 @@ from .exceptions import (
 # logging decides where they go.
 
 __all__ = [
+    "BeforeSend",
     "Config",
     "ConfigurationError",
     "DeliveryError",

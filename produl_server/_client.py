@@ -8,20 +8,25 @@ gives each client a fresh, empty sender in a forked child.
 from __future__ import annotations
 
 import atexit
+import json
+import logging
 import os
 import sys
 import threading
 import time
 import uuid
 import weakref
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from ._config import Config, ErrorHook, mask_key, mask_url
-from ._event import PageviewData, encode_event, encode_pageview
+from ._config import BeforeSend, Config, ErrorHook, mask_key, mask_url
+from ._event import PageviewData, encode_event, encode_pageview, encode_wire, pseudonym
 from ._ledger import Stats
 from ._worker import Worker
-from .exceptions import InvalidEventError
+from .exceptions import DeliveryError, InvalidEventError
+
+log = logging.getLogger("produl_server")
 
 # Workers, not clients: a client that was garbage-collected with events
 # still queued must be flushed at exit too. A worker leaves this set when it
@@ -43,7 +48,11 @@ class Produl:
             environment variable.
         api_url: Where to send events. Default: ``PRODUL_API_URL``, else
             ``https://app.produl.tech``.
-        enabled: ``False`` validates every call but sends nothing.
+        enabled: ``False`` makes a client that validates every call but
+            sends nothing: it needs no server key, starts no thread and
+            opens no file (no spool, no shared quota, no Redis). Default:
+            the ``PRODUL_ENABLED`` environment variable (``0``, ``false``,
+            ``no`` or ``off`` turn it off), else ``True``.
         sync_mode: Send on the caller's thread, for hosts that cannot run
             threads. Each ``track_*`` call then waits for its request.
         flush_at: Send when this many events are queued.
@@ -108,9 +117,30 @@ class Produl:
             clients that leave through one address but send to different
             API URLs. Default: ``PRODUL_QUOTA_KEY``, else the
             ``api_url``.
+        before_send: Called on the caller's thread with each valid event
+            as a plain dict in the API's words (``t``, ``n``, ``p``, ``u``,
+            ``vi``, ``sk``, ``ti``, ``r``, ``pr``; a fresh copy it may
+            change). It returns the dict to send, changed or not, which is
+            validated like the arguments of ``track_*``, or ``None`` to drop
+            the event (counted as ``before_send``, not an error). If it
+            raises, the event is dropped (counted as ``before_send_error``,
+            logged once per cause, handed to ``on_error``): a privacy filter
+            that failed must not let through what it was meant to remove.
+        visitor_id_secret: A secret (str or bytes, at least 16 bytes) that
+            turns every ``visitor_id`` and ``session_key`` into a keyed hash
+            (HMAC-SHA256, 64 hex digits) before the event reaches
+            ``before_send`` and the queue: the same id always gives the same
+            pseudonym, another secret another one. Default:
+            ``PRODUL_VISITOR_SECRET``, else ids are sent as given.
+        default_properties: Properties every custom event carries, such as
+            ``environment``, ``release`` or ``service``, merged under the
+            event's own (the call's keys win; they count toward the size
+            limit). Validated and copied here. Default: the JSON object in
+            ``PRODUL_DEFAULT_PROPERTIES``, else none.
 
     Raises:
-        ConfigurationError: No server key, or an invalid option.
+        ConfigurationError: No server key (on an enabled client), or an
+            invalid option.
     """
 
     def __init__(
@@ -118,7 +148,7 @@ class Produl:
         server_key: str | None = None,
         *,
         api_url: str | None = None,
-        enabled: bool = True,
+        enabled: bool | None = None,
         sync_mode: bool = False,
         flush_at: int = 10,
         flush_interval: float = 5.0,
@@ -140,6 +170,9 @@ class Produl:
         spool_dir: str | os.PathLike[str] | None = None,
         redis_url: str | None = None,
         quota_key: str | None = None,
+        before_send: BeforeSend | None = None,
+        default_properties: Mapping[str, Any] | None = None,
+        visitor_id_secret: str | bytes | None = None,
     ) -> None:
         self._config = Config.from_env(
             server_key,
@@ -166,9 +199,15 @@ class Produl:
             spool_dir=spool_dir,
             redis_url=redis_url,
             quota_key=quota_key,
+            before_send=before_send,
+            default_properties=default_properties,
+            visitor_id_secret=visitor_id_secret,
         )
         self._worker = Worker(self._config)
-        self._enabled = enabled
+        self._before_send = before_send
+        self._defaults = self._config.default_properties
+        self._secret = self._config.visitor_id_secret
+        self._enabled = enabled = self._config.enabled
         self._raise = raise_on_invalid
         if enabled:
             with _live_lock:
@@ -231,10 +270,18 @@ class Produl:
             path, visitor_id, url = data.path, data.visitor_id, data.url
             title, referrer, session_key = data.title, data.referrer, data.session_key
         try:
+            if self._secret is not None:
+                visitor_id = pseudonym("visitor_id", visitor_id, self._secret)
+                session_key = pseudonym("session_key", session_key, self._secret)
             body = encode_pageview(path, visitor_id, url, title, referrer, session_key)
         except InvalidEventError as exc:
             self._refuse(exc, {"t": "pv", "p": path, "vi": visitor_id})
             return
+        if self._before_send is not None:
+            filtered = self._filter(self._before_send, body)
+            if filtered is None:
+                return
+            body, visitor_id = filtered
         if self._enabled:
             self._worker.put(body, _visitor_key(visitor_id))
 
@@ -267,13 +314,56 @@ class Produl:
                 argument or key path (unless ``raise_on_invalid=False``).
                 Nothing is queued.
         """
+        if self._defaults is not None:
+            if properties is None:
+                properties = self._defaults
+            elif isinstance(properties, Mapping):
+                properties = {**self._defaults, **properties}
         try:
+            if self._secret is not None:
+                visitor_id = pseudonym("visitor_id", visitor_id, self._secret)
+                session_key = pseudonym("session_key", session_key, self._secret)
             body = encode_event(name, properties, visitor_id, path, url, session_key)
         except InvalidEventError as exc:
             self._refuse(exc, {"t": "ev", "n": name, "vi": visitor_id})
             return
+        if self._before_send is not None:
+            filtered = self._filter(self._before_send, body)
+            if filtered is None:
+                return
+            body, visitor_id = filtered
         if self._enabled:
             self._worker.put(body, _visitor_key(visitor_id))
+
+    def _filter(self, hook: BeforeSend, body: bytes) -> tuple[bytes, str | None] | None:
+        """Run ``before_send``: the body and visitor to queue, or None when dropped."""
+        event: dict[str, Any] = json.loads(body)
+        try:
+            result = hook(event)
+        except Exception as exc:
+            # Fail closed: the event is dropped, never sent unfiltered.
+            _report_hook_failure(exc)
+            self._worker.drop_at_door(
+                "before_send_error",
+                DeliveryError(
+                    "before_send_error",
+                    f"event dropped: before_send raised {type(exc).__name__}",
+                ),
+                event,
+            )
+            return None
+        if result is None:
+            self._worker.drop_at_door("before_send", None, event)
+            return None
+        try:
+            new_body = encode_wire(result)
+        except InvalidEventError as exc:
+            self._refuse(
+                exc, result if type(result) is dict else {"before_send": repr(result)[:200]}
+            )
+            return None
+        visitor = result.get("vi")
+        return new_body, visitor if type(visitor) is str else None
 
     def _refuse(self, error: InvalidEventError, call: dict[str, Any]) -> None:
         if self._raise:
@@ -388,6 +478,31 @@ class Produl:
         tb: TracebackType | None,
     ) -> None:
         self.shutdown()
+
+
+_hook_failures: set[tuple[str, str, int]] = set()
+_hook_failures_lock = threading.Lock()
+
+
+def _report_hook_failure(exc: Exception) -> None:
+    """Log a ``before_send`` failure once per cause: exception type and where it was raised."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else ("?", 0)
+    cause = (type(exc).__qualname__, *where)
+    with _hook_failures_lock:
+        if cause in _hook_failures:
+            return
+        _hook_failures.add(cause)
+    log.error(
+        "produl_server: before_send raised %s at %s:%d; the event is dropped "
+        "(logged once per cause)",
+        cause[0],
+        where[0],
+        where[1],
+        exc_info=exc,
+    )
 
 
 def _visitor_key(visitor_id: object) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -16,8 +17,8 @@ from urllib.parse import unquote
 import attrs
 from urllib3.util import parse_url
 
-from ._protocol import DEFAULT_API_URL
-from .exceptions import ConfigurationError, DeliveryError
+from ._protocol import DEFAULT_API_URL, MAX_BODY
+from .exceptions import ConfigurationError, DeliveryError, InvalidEventError
 
 log = logging.getLogger("produl_server")
 
@@ -27,10 +28,17 @@ SPOOL_ENV = "PRODUL_SPOOL_DIR"
 QUOTA_DIR_ENV = "PRODUL_QUOTA_DIR"
 REDIS_ENV = "PRODUL_REDIS_URL"
 QUOTA_KEY_ENV = "PRODUL_QUOTA_KEY"
+DEFAULT_PROPERTIES_ENV = "PRODUL_DEFAULT_PROPERTIES"
+ENABLED_ENV = "PRODUL_ENABLED"
+VISITOR_SECRET_ENV = "PRODUL_VISITOR_SECRET"  # noqa: S105 -- a variable name
+MIN_SECRET_BYTES = 16
+_FALSE_WORDS = frozenset(("0", "false", "no", "off"))
+_TRUE_WORDS = frozenset(("1", "true", "yes", "on"))
 
 #: The type of ``on_error``: ``on_error(error, event)``, where *event* is the
 #: wire dict of the dropped event (or the call's arguments, for an invalid one).
 ErrorHook = Callable[[DeliveryError, Mapping[str, Any]], object]
+BeforeSend = Callable[[dict[str, Any]], dict[str, Any] | None]
 
 
 def mask_key(key: str) -> str:
@@ -125,7 +133,9 @@ def _check_bool(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None
         raise ConfigurationError(f"{attribute.name} must be True or False, not {_show(value)}")
 
 
-def _check_key(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
+def _check_key(inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
+    if inst.enabled is False and (value is None or value == ""):
+        return  # a disabled client sends nothing, so it needs no key
     if not isinstance(value, str) or not value.strip():
         raise ConfigurationError(
             f"no server key: pass server_key=... or set the {KEY_ENV} environment variable "
@@ -214,9 +224,9 @@ def _check_url(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None
         raise ConfigurationError(f"api_url must not have a query or fragment: {shown!r}")
 
 
-def _check_hook(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
+def _check_hook(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not callable(value):
-        raise ConfigurationError(f"on_error must be callable, not {type(value).__name__}")
+        raise ConfigurationError(f"{attribute.name} must be callable, not {type(value).__name__}")
 
 
 def _check_verify(_inst: Any, _attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -305,6 +315,68 @@ def _directory(value: Any) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
+def _default_properties(value: Any) -> dict[str, Any] | None:
+    """Validate and snapshot ``default_properties`` once, as ``track_event`` would."""
+    from ._event import clean_properties  # noqa: PLC0415 -- _event imports nothing of ours back
+
+    if value is None:
+        return None
+    try:
+        cleaned = clean_properties(value)
+    except InvalidEventError as exc:
+        text = str(exc)
+        if text.startswith("properties"):
+            text = text[len("properties") :]
+        raise ConfigurationError(f"default_properties{text}") from None
+    size = len(json.dumps(cleaned, ensure_ascii=False).encode())
+    if size > MAX_BODY:
+        raise ConfigurationError(
+            f"default_properties encode to {size} bytes, over the {MAX_BODY}-byte "
+            "limit of one request"
+        )
+    return cleaned
+
+
+def _secret(value: Any) -> bytes | None:
+    """``visitor_id_secret`` as bytes; never shown in an error."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raw = value.encode("utf-8", "surrogatepass")
+    elif isinstance(value, bytes | bytearray):
+        raw = bytes(value)
+    else:
+        raise ConfigurationError(
+            f"visitor_id_secret must be a str or bytes, not {type(value).__name__}"
+        )
+    if len(raw) < MIN_SECRET_BYTES:
+        raise ConfigurationError(
+            f"visitor_id_secret must be at least {MIN_SECRET_BYTES} bytes long, "
+            f"not {len(raw)}; use a long random value, e.g. secrets.token_hex(32)"
+        )
+    return raw
+
+
+def _flag(name: str, text: str) -> bool:
+    """Read an on/off environment variable; unset or empty means on."""
+    word = text.strip().lower()
+    if not word or word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ConfigurationError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), not {text!r}")
+
+
+def _json_object(name: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name} must be a JSON object: {exc}") from None
+    if type(value) is not dict:
+        raise ConfigurationError(f"{name} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
 def _check_rpm(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is None:
         return
@@ -362,6 +434,12 @@ class Config:
         retry_max_delay: The largest backoff between two attempts.
         raise_on_invalid: False turns invalid input into a counted drop.
         on_error: The error hook, or None.
+        before_send: Called with each event's wire dict before it is
+            queued; returns it (possibly changed) or None to drop it.
+        default_properties: Properties merged under every custom event's
+            own (the call's keys win), validated and copied once.
+        visitor_id_secret: The HMAC key that pseudonymizes visitor ids and
+            session keys (its repr is masked), or None.
         proxy: An HTTP(S) proxy URL, or None for the environment's.
         verify: TLS verification: True, False or a CA bundle path.
         shared_quota: Pace with every client of this user on this host that
@@ -393,6 +471,13 @@ class Config:
     retry_max_delay: float = attrs.field(default=30.0, validator=_check_number())
     raise_on_invalid: bool = attrs.field(default=True, validator=_check_bool)
     on_error: ErrorHook | None = attrs.field(default=None, validator=_check_hook)
+    before_send: BeforeSend | None = attrs.field(default=None, validator=_check_hook)
+    default_properties: dict[str, Any] | None = attrs.field(
+        default=None, converter=_default_properties
+    )
+    visitor_id_secret: bytes | None = attrs.field(
+        default=None, converter=_secret, repr=lambda value: "None" if value is None else "'***'"
+    )
     proxy: str | None = attrs.field(default=None, repr=_repr_proxy, validator=_check_proxy)
     verify: bool | str = attrs.field(default=True, validator=_check_verify)
     shared_quota: bool = attrs.field(default=True, validator=_check_bool)
@@ -459,6 +544,14 @@ class Config:
         ):
             if options.get(option) is None and environ.get(name):
                 options[option] = environ[name]
+        if options.get("visitor_id_secret") is None and environ.get(VISITOR_SECRET_ENV):
+            options["visitor_id_secret"] = environ[VISITOR_SECRET_ENV]
+        if options.get("enabled") is None:
+            options["enabled"] = _flag(ENABLED_ENV, environ.get(ENABLED_ENV, ""))
+        if options.get("default_properties") is None and environ.get(DEFAULT_PROPERTIES_ENV):
+            options["default_properties"] = _json_object(
+                DEFAULT_PROPERTIES_ENV, environ[DEFAULT_PROPERTIES_ENV]
+            )
         try:
             return cls(server_key=server_key, api_url=api_url, **options)
         except TypeError as exc:

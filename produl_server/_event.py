@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime
 import decimal
 import enum
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -284,6 +286,31 @@ def _raised_reading(exc: BaseException) -> str:
     return f"could not be read ({detail}); pass plain str, int, float, bool, list or dict values"
 
 
+def clean_properties(value: object) -> dict[str, Any]:
+    """Validate and snapshot a properties dict, as ``track_event`` does.
+
+    Raises:
+        InvalidEventError: Naming the key path and the rule broken.
+    """
+    return _properties(value)
+
+
+def pseudonym(field: str, value: object, secret: bytes) -> str | None:
+    """The keyed hash that replaces a visitor id or session key (``visitor_id_secret``).
+
+    The id is validated first, as it would be unhashed; ``None`` stays ``None``.
+    The result is the HMAC-SHA256 of the id's wire string, as 64 lowercase
+    hex digits: the same id and secret always give the same text.
+
+    Raises:
+        InvalidEventError: The id is not one ``track_*`` would accept.
+    """
+    if value is None:
+        return None
+    text = _ident(field, value)
+    return hmac.new(secret, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+
 def _short_repr(value: object) -> str:
     """repr() for an error message; a huge int's repr would itself raise."""
     if isinstance(value, int) and value.bit_length() > 64:
@@ -451,3 +478,36 @@ def encode_pageview(
     if referrer is not None:
         wire["r"] = _string("referrer", referrer, 0, MAX_URL)
     return _finish(wire)
+
+
+_PAGEVIEW_KEYS = frozenset(("t", "p", "u", "vi", "sk", "ti", "r"))
+_EVENT_KEYS = frozenset(("t", "n", "p", "u", "vi", "sk", "pr"))
+
+
+def encode_wire(wire: object) -> bytes:
+    """Validate an event given in its wire words (``before_send``'s result) and encode it.
+
+    The dict is checked as the keyword arguments of ``track_*`` are: the
+    same rules, the same limits, an error naming the argument.
+
+    Raises:
+        InvalidEventError: Not a dict, an unknown or misplaced key, or a
+            value that breaks a rule.
+    """
+    if type(wire) is not dict:
+        raise InvalidEventError(
+            "before_send", f"must return a dict or None, not {type(wire).__name__}"
+        )
+    kind = wire.get("t")
+    allowed = _PAGEVIEW_KEYS if kind == PAGEVIEW else _EVENT_KEYS
+    if kind not in (PAGEVIEW, EVENT):
+        raise InvalidEventError("before_send", f"returned an event whose 't' is {kind!r}")
+    unknown = sorted(str(key) for key in wire if key not in allowed)
+    if unknown:
+        raise InvalidEventError(
+            "before_send", f"returned keys a {kind!r} event cannot carry: {', '.join(unknown)}"
+        )
+    get = wire.get
+    if kind == PAGEVIEW:
+        return encode_pageview(get("p"), get("vi"), get("u"), get("ti"), get("r"), get("sk"))
+    return encode_event(get("n"), get("pr"), get("vi"), get("p"), get("u"), get("sk"))

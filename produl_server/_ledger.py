@@ -44,7 +44,8 @@ class Stats:
             timeouts, connection errors).
         dropped: Events given up, by reason: ``invalid``, ``queue_full``,
             ``rejected``, ``unauthorized``, ``retries_exhausted``,
-            ``shutdown``.
+            ``shutdown``; ``before_send`` (the hook returned ``None``) and
+            ``before_send_error`` (the hook raised).
         pending: Events queued or waiting for a retry right now.
         spooled: Events written to (or left in) the spool for a later
             client to deliver: at the shutdown deadline, when the queue was

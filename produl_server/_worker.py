@@ -37,7 +37,7 @@ from ._config import MAX_SECONDS, Config, exit_lanes, mask_key
 from ._durable import Outbox, make_quota, open_outbox
 from ._ledger import Ledger, Stats
 from ._redis import FleetOutbox, open_fleet
-from ._schedule import Quota, Schedule, Verdict
+from ._schedule import Quota, RollingQuota, Schedule, Verdict
 from ._spool import Census
 from ._transport import Outcome, Transport
 from ._transport import Verdict as Answer
@@ -772,9 +772,15 @@ class Worker:
         self._config = config
         self._make_transport = transport_factory
         self._clock = clock
-        self._quota: Quota = make_quota(config)
-        self._outbox: Outbox | FleetOutbox | None = open_outbox(config)
-        if config.redis_url is not None:
+        if not config.enabled:
+            # A disabled client sends nothing: it opens no quota file, no
+            # spool and no Redis connection.
+            self._quota: Quota = RollingQuota(None)
+            self._outbox: Outbox | FleetOutbox | None = None
+        else:
+            self._quota = make_quota(config)
+            self._outbox = open_outbox(config)
+        if config.enabled and config.redis_url is not None:
             self._quota, self._outbox = open_fleet(config, self._quota, self._outbox)
         self._reset()
         # Events spooled by an earlier run: deliver them now, first. Only the
@@ -905,6 +911,12 @@ class Worker:
         core.ledger.finish(item.seq, reason)
         log.warning("produl_server: event dropped (%s): %s", reason, text)
         core.call_hook(DeliveryError(reason, f"event dropped ({reason}): {text}"), item)
+
+    def drop_at_door(self, reason: str, error: DeliveryError | None, event: dict[str, Any]) -> None:
+        """Count an event dropped before it was queued; report *error* if there is one."""
+        self._core.ledger.refuse(reason)
+        if error is not None:
+            self._core.call_hook(error, event)
 
     def drop_invalid(self, error: Exception, call: dict[str, Any]) -> None:
         """Count, log and report a ``track_*`` call refused by validation.

@@ -61,8 +61,13 @@ def produl(produl_collector: LocalCollector) -> Iterator[Produl]:
     """
     from produl_server import Produl  # noqa: PLC0415 -- keep the plugin importable alone
 
+    # enabled=True: PRODUL_ENABLED=0, set to keep the application's own
+    # clients quiet in tests, must not silence the one the test asked for.
     client = Produl(
-        server_key=produl_collector.server_key, api_url=produl_collector.url, flush_at=1
+        server_key=produl_collector.server_key,
+        api_url=produl_collector.url,
+        flush_at=1,
+        enabled=True,
     )
     try:
         yield client

@@ -10,6 +10,7 @@ import produl_server.exceptions as exc
 
 def test_exported_names():
     assert produl_server.__all__ == [
+        "BeforeSend",
         "Config",
         "ConfigurationError",
         "DeliveryError",

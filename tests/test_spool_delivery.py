@@ -161,7 +161,12 @@ def test_a_spool_directory_that_cannot_be_used_is_one_clear_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(ConfigurationError) as caught:
-        Produl(server_key="sk_test_key_0000", spool_dir=blocker / "spool", enabled=False)
+        # Enabled: a disabled client opens no spool, so it would not notice.
+        Produl(
+            server_key="sk_test_key_0000",
+            spool_dir=blocker / "spool",
+            api_url="http://127.0.0.1:9",
+        )
     message = str(caught.value)
     assert "spool_dir" in message
     assert "\n" not in message

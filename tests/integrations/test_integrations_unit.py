@@ -214,3 +214,25 @@ def test_wsgi_middleware_in_process(produl_collector):
     assert [e.get("n", "pv") for e in events] == ["body", "while_streaming", "pv"]
     assert {e["p"] for e in events} == {"/caf%C3%A9"}
     assert {e["vi"] for e in events} == {"alice"}
+
+
+def test_produl_enabled_0_turns_the_flask_extension_off_without_a_key(
+    monkeypatch, produl_collector
+):
+    monkeypatch.delenv("PRODUL_SERVER_KEY", raising=False)
+    monkeypatch.setenv("PRODUL_ENABLED", "0")
+    app = flask.Flask("produl_off")
+    app.config["PRODUL_PAGEVIEWS"] = True
+    app.config["PRODUL_API_URL"] = produl_collector.url
+    produl = ProdulFlask(app)
+
+    @app.get("/page")
+    def page():
+        produl.track_event("seen", visitor_id="u1")
+        return "ok"
+
+    assert app.test_client().get("/page").status_code == 200
+    with app.app_context():
+        assert produl.client.config.enabled is False
+        assert produl.client.flush(timeout=5)
+    assert produl_collector.requests == []
