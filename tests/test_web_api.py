@@ -169,3 +169,22 @@ def test_unknown_paths_and_methods(
     assert response.status == 405
     assert http.request("GET", produl_collector.url + "/healthz").status == 200
     assert len({r.client_port for r in produl_collector.requests}) == 1
+
+
+def test_api_events_warn_about_fields_the_reference_marks_required(
+    http: urllib3.PoolManager, produl_collector: LocalCollector
+) -> None:
+    # Stored as today, but flagged: Produl may drop events without u, p, vi or sk.
+    complete = {"t": "pv", "p": "/a", "u": "https://server/a", "vi": "u1", "sk": "s1"}
+    partial = {"t": "ev", "n": "signup"}
+    for event in (complete, partial):
+        response = http.request(
+            "POST",
+            produl_collector.url + "/api/collect",
+            body=json.dumps(event).encode(),
+            headers={KEY_HEADER: produl_collector.server_key},
+        )
+        assert response.status == 204
+    listed = get_events(http, produl_collector)["events"]
+    warnings = {item["event"].get("n", "pv"): item["warnings"] for item in listed}
+    assert warnings == {"pv": [], "signup": ["missing u", "missing p", "missing vi", "missing sk"]}

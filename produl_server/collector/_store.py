@@ -65,9 +65,34 @@ class StoredEvent:
         """The shape ``GET /api/events`` and ``produl-server events --json`` use.
 
         Returns:
-            ``{"id": ..., "received_at": ..., "event": {...}}``.
+            ``{"id": ..., "received_at": ..., "event": {...}, "warnings": [...]}``,
+            where ``warnings`` names each field the API reference's table marks
+            required that the event lacks (see ``missing_required``).
         """
-        return {"id": self.id, "received_at": self.received_at, "event": self.event}
+        return {
+            "id": self.id,
+            "received_at": self.received_at,
+            "event": self.event,
+            "warnings": [f"missing {key}" for key in missing_required(self.event)],
+        }
+
+
+#: The keys the API reference's field table marks required. The server-side
+#: page calls ``vi`` only recommended and ``sk`` optional, and the SDK sends
+#: events without them, but Produl may drop such events even after a 2xx.
+REFERENCE_REQUIRED = ("u", "p", "vi", "sk")
+
+
+def missing_required(event: dict[str, Any]) -> list[str]:
+    """The keys of ``REFERENCE_REQUIRED`` that ``event`` lacks, in order.
+
+    Args:
+        event: A wire dict.
+
+    Returns:
+        The missing keys; empty when the event has them all.
+    """
+    return [key for key in REFERENCE_REQUIRED if key not in event]
 
 
 @attrs.frozen(kw_only=True)
