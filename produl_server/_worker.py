@@ -137,6 +137,9 @@ class _Core:
         self._finished_event = threading.Event()
         self.last_enqueue = 0.0
         self.first_enqueue = 0.0
+        #: Why the last attempt failed, for the loss line at the end
+        #: (issue #23: "not delivered" without a cause).
+        self.last_cause = ""
 
     def get_transport(self) -> Transport:
         if self.transport is None:
@@ -191,6 +194,7 @@ class _Core:
             self.drop(item, "retries_exhausted", detail, outcome.status)
             return False
         self.ledger.count_retry()
+        self.last_cause = outcome.detail or outcome.reason
         log.info("produl_server: delivery failed (%s); retrying in %.2f s", outcome.detail, pause)
         return True
 
@@ -343,16 +347,21 @@ class _Core:
                 if self.outbox is None
                 else f"The spool ({self.outbox.directory}) could not take them"
             )
+            cause = self._cause()
             log.warning(
-                "produl_server: %d event(s) not delivered before the shutdown deadline; "
+                "produl_server: %d event(s) not delivered before the shutdown deadline%s; "
                 "they are lost%s. %s",
                 left,
+                f" ({cause})" if cause else "",
                 f" ({unsure} of them had a request under way, and may have arrived)"
                 if unsure
                 else "",
                 remedy,
             )
-            error = DeliveryError("shutdown", "not delivered before the shutdown deadline")
+            error = DeliveryError(
+                "shutdown",
+                "not delivered before the shutdown deadline" + (f" ({cause})" if cause else ""),
+            )
             for item in sorted(leftovers, key=lambda item: item.seq):
                 if item.seq not in kept:
                     self.call_hook(error, item)
@@ -360,6 +369,21 @@ class _Core:
             self.transport.close()
         if self.outbox is not None:
             self.outbox.close()
+
+    def _cause(self) -> str:
+        """Why events were still waiting: the quota, else the last failure."""
+        quota = self.schedule.quota
+        now = self.clock()
+        if self.schedule.quota_free_at > now:
+            wait = self.schedule.quota_free_at - now
+            until = time.strftime("%H:%M:%S", time.localtime(time.time() + wait))
+            whose = {"host": "the host's quota", "redis": "the fleet's quota"}.get(
+                quota.kind, "the quota"
+            )
+            return f"{whose} is used up until {until}"
+        if self.last_cause:
+            return f"last error: {self.last_cause}"
+        return ""
 
 
 class InlineSender:
