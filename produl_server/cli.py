@@ -59,7 +59,11 @@ class CommandError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: scripts log stderr line by line.
-        self.exit(USAGE, f"{self.prog}: error: {message} (see --help)\n")
+        # Always "produl-server: error:", as the docs promise (issue #23);
+        # a subcommand's parser names itself after it.
+        command = self.prog.removeprefix(PROG).strip()
+        where = f"{command}: " if command else ""
+        self.exit(USAGE, f"{PROG}: error: {where}{message} (see --help)\n")
 
 
 def _out(line: str = "") -> None:

@@ -434,3 +434,10 @@ def test_every_option_of_every_subcommand_has_a_description():
         if not isinstance(action, argparse._HelpAction) and not action.help
     ]
     assert missing == []
+
+
+def test_argument_errors_start_as_the_docs_say():
+    result = run("event")
+    assert result.returncode == 2
+    assert result.stderr.startswith("produl-server: error: event: "), result.stderr
+    assert "name" in result.stderr
