@@ -244,6 +244,11 @@ def _decimal(value: decimal.Decimal) -> int | float:
     """
     if not value.is_finite():
         raise _PathError(f"Decimal {value} is not a finite number", type_error=False)
+    # One rule for every finite Decimal: a JSON number, so a property keeps
+    # its type from event to event and a dashboard can sum it (issue #23:
+    # Decimal("4.90") used to arrive as a string, Decimal("49.00") as 49).
+    # Whole values stay exact ints; others become the nearest float, which
+    # keeps every digit up to 15 significant digits.
     if value == value.to_integral_value():
         return int(value)
     as_float = float(value)

@@ -139,6 +139,8 @@ class Schedule:
         self.failures = 0
         #: No request before this time (a backoff or a Retry-After).
         self.not_before = 0.0
+        #: When the quota last said it would have room again (for the loss line).
+        self.quota_free_at = 0.0
         #: When the collector stopped answering; None while it answers.
         self.outage_since: float | None = None
 
@@ -146,7 +148,10 @@ class Schedule:
         """0 and one request of the quota used, or the seconds to wait first."""
         if now < self.not_before:
             return self.not_before - now
-        return self.quota.take(now)
+        wait = self.quota.take(now)
+        if wait > 0:
+            self.quota_free_at = now + wait
+        return wait
 
     def answered(self) -> None:
         """The collector answered (2xx, or a definitive 4xx): no outage."""

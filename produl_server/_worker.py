@@ -162,8 +162,9 @@ class _Core:
         self._finished_event = threading.Event()
         self.last_enqueue = 0.0
         self.first_enqueue = 0.0
-        #: What the last failed attempt said, for the loss line and the CLI.
-        self.last_failure = ""
+        #: Why the last attempt failed, for the loss line at the end
+        #: (issue #23: "not delivered" without a cause).
+        self.last_cause = ""
 
     def get_transport(self) -> Transport:
         if self.transport is None:
@@ -203,7 +204,7 @@ class _Core:
             self._unspool(item)
             return False
         now = self.clock()
-        self.last_failure = outcome.detail
+        self.last_cause = outcome.detail or outcome.reason
         verdict, pause, item.failing_since = self.schedule.failed(
             now,
             rate_limited=outcome.reason == "rate_limited",
@@ -380,18 +381,21 @@ class _Core:
                 if self.outbox is None
                 else f"The spool ({self.outbox.directory}) could not take them"
             )
-            cause = f". The last attempt failed: {self.last_failure}" if self.last_failure else ""
+            cause = self._cause()
             log.warning(
-                "produl_server: %d event(s) not delivered before the shutdown deadline; "
-                "they are lost%s. %s%s",
+                "produl_server: %d event(s) not delivered before the shutdown deadline%s; "
+                "they are lost%s. %s",
                 left,
+                f" ({cause})" if cause else "",
                 f" ({unsure} of them had a request under way, and may have arrived)"
                 if unsure
                 else "",
                 remedy,
-                cause,
             )
-            error = DeliveryError("shutdown", "not delivered before the shutdown deadline")
+            error = DeliveryError(
+                "shutdown",
+                "not delivered before the shutdown deadline" + (f" ({cause})" if cause else ""),
+            )
             for item in sorted(leftovers, key=lambda item: item.seq):
                 if item.seq not in kept:
                     self.call_hook(error, item)
@@ -399,6 +403,21 @@ class _Core:
             self.transport.close()
         if self.outbox is not None:
             self.outbox.close()
+
+    def _cause(self) -> str:
+        """Why events were still waiting: the quota, else the last failure."""
+        quota = self.schedule.quota
+        now = self.clock()
+        if self.schedule.quota_free_at > now:
+            wait = self.schedule.quota_free_at - now
+            until = time.strftime("%H:%M:%S", time.localtime(time.time() + wait))
+            whose = {"host": "the host's quota", "redis": "the fleet's quota"}.get(
+                quota.kind, "the quota"
+            )
+            return f"{whose} is used up until {until}"
+        if self.last_cause:
+            return f"last error: {self.last_cause}"
+        return ""
 
 
 class InlineSender:
@@ -1052,7 +1071,7 @@ class Worker:
     @property
     def last_failure(self) -> str:
         """What the last failed attempt said ("" if none failed)."""
-        return self._core.last_failure
+        return self._core.last_cause
 
     def _start(self) -> ThreadSender | None:
         with self._start_lock:

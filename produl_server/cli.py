@@ -59,7 +59,11 @@ class CommandError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, not argparse's usage block: scripts log stderr line by line.
-        self.exit(USAGE, f"{self.prog}: error: {message} (see --help)\n")
+        # Always "produl-server: error:", as the docs promise (issue #23);
+        # a subcommand's parser names itself after it.
+        command = self.prog.removeprefix(PROG).strip()
+        where = f"{command}: " if command else ""
+        self.exit(USAGE, f"{PROG}: error: {where}{message} (see --help)\n")
 
 
 def _out(line: str = "") -> None:
@@ -528,18 +532,25 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--visitor-id", help="only this visitor")
 
     ev = sub.add_parser("event", help="send one custom event and flush")
-    ev.add_argument("name")
+    ev.add_argument("name", help="the event's name, such as signup")
     ev.add_argument("--prop", action="append", metavar="KEY=VALUE", help="a property (repeat)")
     ev.add_argument("--props-json", metavar="JSON", help="properties as a JSON object")
-    ev.add_argument("--path")
+    ev.add_argument("--path", help="the path the event happened on")
     pv = sub.add_parser("pageview", help="send one pageview and flush")
-    pv.add_argument("path")
-    pv.add_argument("--title")
-    pv.add_argument("--referrer")
+    pv.add_argument("path", help="the page's path, such as /pricing")
+    pv.add_argument("--title", help="the page's title")
+    pv.add_argument("--referrer", help="the URL the visitor came from")
     for send in (ev, pv):
-        send.add_argument("--visitor-id", required=send is pv)
-        send.add_argument("--url")
-        send.add_argument("--session-key")
+        send.add_argument(
+            "--visitor-id",
+            required=send is pv,
+            help="who did it: your user id or another stable id"
+            + (" (required)" if send is pv else ""),
+        )
+        send.add_argument("--url", help="the full URL of the page")
+        send.add_argument(
+            "--session-key", help="the session key, as in track_pageview / track_event"
+        )
         send.add_argument("--server-key", help="default: $PRODUL_SERVER_KEY")
         send.add_argument("--api-url", help="default: $PRODUL_API_URL or Produl's API")
         send.add_argument(

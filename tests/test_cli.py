@@ -417,3 +417,27 @@ def test_main_in_process_returns_the_status(capsys: pytest.CaptureFixture[str]) 
     assert main(["events", "--db", "/nonexistent/dir/e.db"]) == 1
     assert "no event database" in capsys.readouterr().err
     assert main(["--version"]) == 0
+
+
+def test_every_option_of_every_subcommand_has_a_description():
+    # Issue #23: --path, --url, --visitor-id ... showed in --help with no text.
+    import argparse
+
+    from produl_server.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {action.dest}"
+        for name, sub in subparsers.choices.items()
+        for action in sub._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert missing == []
+
+
+def test_argument_errors_start_as_the_docs_say():
+    result = run("event")
+    assert result.returncode == 2
+    assert result.stderr.startswith("produl-server: error: event: "), result.stderr
+    assert "name" in result.stderr

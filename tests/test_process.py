@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -219,3 +220,46 @@ def test_multiprocessing_fork_pool_delivers_each_event_once(produl_collector):
     tasks = sorted(e["pr"]["task"] for e in produl_collector.events if e["n"] == "pool_task")
     assert tasks == list(range(10))
     assert [e["n"] for e in produl_collector.events].count("before_fork") == 1
+
+
+def _loss_line(stderr: str) -> str:
+    lines = [
+        line
+        for line in stderr.splitlines()
+        if line.startswith("WARNING") and "they are lost" in line
+    ]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_the_loss_line_names_the_last_cause(produl_collector):
+    # Issue #23: with the collector down the line said what was lost, not why.
+    result, _ = run_script(
+        """
+        produl = Produl(shutdown_timeout=1.0, flush_interval=600)
+        for i in range(3):
+            produl.track_event("stuck", visitor_id="v")
+        """,
+        f"http://127.0.0.1:{closed_port()}",
+        produl_collector.server_key,
+    )
+    assert result.returncode == 0, result.stderr
+    line = _loss_line(result.stderr)
+    assert "3 event(s) not delivered before the shutdown deadline (last error:" in line
+    assert "refused" in line.lower()
+
+
+def test_the_loss_line_says_until_when_the_quota_is_used_up(produl_collector):
+    result, _ = run_script(
+        """
+        produl = Produl(shutdown_timeout=1.0, max_requests_per_minute=2)
+        for i in range(5):
+            produl.track_event("over", visitor_id="v")
+        """,
+        produl_collector.url,
+        produl_collector.server_key,
+    )
+    assert result.returncode == 0, result.stderr
+    line = _loss_line(result.stderr)
+    assert "3 event(s) not delivered" in line
+    assert re.search(r"\(the (host's )?quota is used up until \d\d:\d\d:\d\d\)", line), line
