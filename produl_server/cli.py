@@ -309,6 +309,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             retry_initial_delay=min(0.5, args.timeout / 4),
             shutdown_timeout=1.0,
             on_error=lambda error, event: errors.append(error),
+            enabled=True,  # a command asked to send: PRODUL_ENABLED=0 is for apps
         )
     except ConfigurationError as exc:
         raise _UsageError(str(exc)) from None
@@ -379,6 +380,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
             api_url=args.api_url,
             spool_dir=args.spool,
             redis_url=args.redis,
+            enabled=True,  # a command asked to deliver: PRODUL_ENABLED=0 is for apps
             max_requests_per_minute=args.rate_limit,
             max_retry_time=args.timeout,
             shutdown_timeout=min(5.0, args.timeout),

@@ -441,3 +441,26 @@ def test_argument_errors_start_as_the_docs_say():
     assert result.returncode == 2
     assert result.stderr.startswith("produl-server: error: event: "), result.stderr
     assert "name" in result.stderr
+
+
+def test_an_explicit_command_sends_even_with_the_apps_off_switch(produl_collector):
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "PRODUL_ENABLED": "0",
+        "PRODUL_SERVER_KEY": produl_collector.server_key,
+        "PRODUL_API_URL": produl_collector.url,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "produl_server", "event", "cli_sent", "--visitor-id", "v"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [e["n"] for e in produl_collector.events] == ["cli_sent"]
