@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import queue
 import time
 from typing import Any
@@ -31,14 +30,7 @@ from bench import _guard, _proc
 from bench._collector import CollectorProcess
 from bench._report import Line, Result, Sizes
 from bench._stats import Summary, ratio
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
+from bench.p4_memory import _rss_bytes
 
 
 def child(url: str, key: str, queue_size: int, calls: int) -> dict[str, Any]:

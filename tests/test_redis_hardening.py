@@ -93,8 +93,8 @@ def test_a_redis_password_in_the_query_is_never_shown(redis_server, caplog):
         assert secret not in shown
 
 
-class _NonsenseRedis:
-    """A server on 127.0.0.1 that answers ``+OK`` to every command it is sent."""
+class _LoopbackServer:
+    """A TCP server on 127.0.0.1 that hands each connection to :meth:`accepted`."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -113,7 +113,25 @@ class _NonsenseRedis:
             except OSError:
                 return  # closed
             self.opened.append(conn)
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+            self.accepted(conn)
+
+    def accepted(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.sock.close()
+        for opened in self.opened:
+            with contextlib.suppress(OSError):
+                opened.shutdown(socket.SHUT_RDWR)
+            opened.close()
+
+
+class _NonsenseRedis(_LoopbackServer):
+    """Answers ``+OK`` to every command it is sent."""
+
+    def accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     def _answer(self, conn: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -125,14 +143,6 @@ class _NonsenseRedis:
                 # One reply per command: each command starts a line with "*".
                 commands = sum(1 for line in data.split(b"\r\n") if line.startswith(b"*"))
                 conn.sendall(b"+OK\r\n" * max(commands, 1))
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.sock.close()
-        for opened in self.opened:
-            with contextlib.suppress(OSError):
-                opened.shutdown(socket.SHUT_RDWR)
-            opened.close()
 
 
 def test_a_redis_that_answers_nonsense_counts_as_down(caplog):
@@ -155,30 +165,18 @@ def test_a_redis_that_answers_nonsense_counts_as_down(caplog):
     assert "does not answer" in caplog.text
 
 
-class _DrippingRelay:
+class _DrippingRelay(_LoopbackServer):
     """Forwards to a real Redis, and its answers back one byte every 0.2 s."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream = upstream_port
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
-        self.stopping = threading.Event()
-        self.opened: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream))
-            self.opened += [conn, upstream]
-            threading.Thread(target=self._pipe, args=(conn, upstream, 0), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, conn, 0.2), daemon=True).start()
+    def accepted(self, conn: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.upstream))
+        self.opened.append(upstream)
+        threading.Thread(target=self._pipe, args=(conn, upstream, 0), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(upstream, conn, 0.2), daemon=True).start()
 
     def _pipe(self, source: socket.socket, target: socket.socket, pause: float) -> None:
         with contextlib.suppress(OSError):
@@ -193,14 +191,6 @@ class _DrippingRelay:
                         target.sendall(data[index : index + 1])
         with contextlib.suppress(OSError):
             target.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.sock.close()
-        for opened in self.opened:
-            with contextlib.suppress(OSError):
-                opened.shutdown(socket.SHUT_RDWR)
-            opened.close()
 
 
 def test_a_redis_that_drips_its_answers_counts_as_down_and_shutdown_is_bounded(redis_server):

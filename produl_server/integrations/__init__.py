@@ -30,6 +30,7 @@ import inspect
 import logging
 import re
 import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -58,6 +59,38 @@ VisitorId = str | int
 # Characters left as they are when a decoded path is quoted again; the same
 # set browsers leave alone in ``location.pathname``.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+
+
+def flush_clients(clients: list[Produl], budget: float | None, why: str) -> None:
+    """Flush *clients* within one shared *budget*, as a worker process ends or a job does.
+
+    Never raises: the flush runs inside a job that has already succeeded, or
+    a task queue's own shutdown, which an exception would disturb.
+
+    Args:
+        clients: The clients to flush.
+        budget: Seconds for all of them; ``None`` is their largest
+            ``shutdown_timeout``.
+        why: The moment, for the log lines.
+    """
+    if not clients:
+        return
+    if budget is None:
+        budget = max(client.config.shutdown_timeout for client in clients)
+    deadline = time.monotonic() + budget
+    for client in clients:
+        try:
+            done = client.flush(max(0.0, deadline - time.monotonic()))
+        except Exception:
+            log.exception("produl_server: flush at %s failed", why)
+            continue
+        if not done:
+            log.warning(
+                "produl_server: %d event(s) still pending after the %s flush (%.1f s budget)",
+                client.stats.pending,
+                why,
+                budget,
+            )
 
 
 def quote_path(path: str) -> str:

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 import attrs
 from celery import signals  # type: ignore[import-untyped]
 
 from .._client import Produl
+from . import flush_clients
 
 __all__ = ["connect", "disconnect"]
 
@@ -103,25 +103,7 @@ def disconnect(client: Produl | None = None) -> None:
 def _flush_all(budget: float | None, why: str) -> None:
     with _lock:
         clients = list(_clients)
-    if not clients:
-        return
-    if budget is None:
-        budget = max(client.config.shutdown_timeout for client in clients)
-    deadline = time.monotonic() + budget
-    for client in clients:
-        try:
-            done = client.flush(max(0.0, deadline - time.monotonic()))
-        except Exception:
-            # A signal handler that raises would disturb Celery's shutdown.
-            log.exception("produl_server: flush on %s failed", why)
-            continue
-        if not done:
-            log.warning(
-                "produl_server: %d event(s) still pending after the %s flush (%.1f s budget)",
-                client.stats.pending,
-                why,
-                budget,
-            )
+    flush_clients(clients, budget, why)
 
 
 def _on_process_shutdown(**_: Any) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +38,7 @@ import attrs
 from rq.worker import BaseWorker
 
 from .._client import Produl
+from . import flush_clients
 
 __all__ = ["connect", "disconnect"]
 
@@ -120,22 +120,4 @@ def _wrap(perform_job: Callable[..., bool]) -> Callable[..., bool]:
 def _flush_all(budget: float | None, why: str) -> None:
     with _lock:
         clients = list(_clients)
-    if not clients:
-        return
-    if budget is None:
-        budget = max(client.config.shutdown_timeout for client in clients)
-    deadline = time.monotonic() + budget
-    for client in clients:
-        try:
-            done = client.flush(max(0.0, deadline - time.monotonic()))
-        except Exception:
-            # An exception here would fail a job that has already succeeded.
-            log.exception("produl_server: flush at %s failed", why)
-            continue
-        if not done:
-            log.warning(
-                "produl_server: %d event(s) still pending after the %s flush (%.1f s budget)",
-                client.stats.pending,
-                why,
-                budget,
-            )
+    flush_clients(clients, budget, why)
