@@ -366,11 +366,15 @@ class _Core:
         leftovers = [item for item in leftovers if not self.ledger.is_handled(item.seq)]
         kept = {item.seq for item in self.spool(leftovers)}
         if kept and self.outbox is not None:
+            twice = len(kept & in_flight)
             log.warning(
                 "produl_server: %d event(s) not delivered before the shutdown deadline "
-                "were spooled in %s; the next client that opens it delivers them",
+                "were spooled in %s%s; the next client that opens it delivers them",
                 len(kept),
                 self.outbox.directory,
+                f" ({twice} of them had a request under way, and may arrive twice)"
+                if twice
+                else "",
             )
         self.lost = left = self.ledger.abandon("shutdown")
         if left:
@@ -563,7 +567,9 @@ class ThreadSender:
                 return True
         wait = self._round(now)
         if deadline is not None:
-            if self._idle() or (core.schedule.not_before >= deadline and not self._inflight):
+            if not self._inflight and (
+                self._idle() or core.schedule.not_before >= deadline or self._too_late(now)
+            ):
                 # Nothing left, or the next attempt would outlive the exit
                 # budget: stop now rather than hold the process for nothing.
                 self.close()
@@ -651,6 +657,8 @@ class ThreadSender:
         pause = core.schedule.gate(now)
         if pause:
             return pause
+        if self._too_late(now):
+            return None  # the step ends the delivery once nothing is in flight
         item = core.pending[index]
         del core.pending[index]
         timeout = None if self.deadline is None else self.deadline - now
@@ -664,6 +672,19 @@ class ThreadSender:
                 self._busy[item.visitor] += 1
             self._jobs.put((item, timeout))
         return 0.0
+
+    def _too_late(self, now: float) -> bool:
+        """While exiting with a spool: whether a request started now would end past the deadline.
+
+        Its answer would be lost and its event spooled, though it may have
+        arrived: the next run would send it twice. So within two round trips
+        of the deadline no request starts, and the spool keeps the rest.
+        Without a spool a late try is the event's last chance: it is made.
+        """
+        deadline = self.deadline
+        if deadline is None or self._core.outbox is None:
+            return False
+        return deadline - now < 2 * max(self._latency, self._last_latency)
 
     def _next_ready(self) -> int | None:
         """The first waiting event that may go now without overtaking its visitor."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -70,24 +71,33 @@ def counts(collector):
 def test_a_3000_event_script_spools_what_its_budget_cannot_send(tmp_path):
     spool = tmp_path / "spool"
     with LocalCollector() as collector:
-        collector.latency = 0.01
+        # 50 ms a request: even 32 exit lanes cannot send 3,000 in 2 s.
+        collector.latency = 0.05
         env = env_for(collector)
         result = run_script(TRACK.format(spool=str(spool), budget=2.0, count=3000), env)
         assert result.returncode == 0, result.stderr
         assert "Traceback" not in result.stderr
-        first = len(collector.events)
-        if first < 3000:
-            assert "were spooled in" in result.stderr
-            assert str(spool) in result.stderr
+        assert len(collector.events) < 3000
+        line = re.search(
+            r"(\d+) event\(s\) not delivered .* were spooled in (.*?)[ ;]", result.stderr
+        )
+        assert line, result.stderr
+        assert line[2] == str(spool)
+        # Each request still under way at the deadline is announced: its event
+        # is spooled, and may also have arrived. No request starts within two
+        # round trips of the deadline, so these are rare.
+        twice = re.search(
+            r"\((\d+) of them had a request under way, and may arrive twice\)", result.stderr
+        )
+        announced = int(twice[1]) if twice else 0
+        assert 3000 <= len(collector.events) + int(line[1]) <= 3000 + announced
         collector.latency = 0.0
         drained = drain(env, spool, "--rate-limit", "off", "--timeout", "60")
         assert drained.returncode == 0, drained.stderr
         assert "the spool is empty" in drained.stdout
         seen = counts(collector)
         assert set(seen) == set(range(3000))
-        duplicates = sum(seen.values()) - 3000
-        # Only a request whose answer was lost at the deadline can be sent twice.
-        assert duplicates <= 4
+        assert sum(seen.values()) - 3000 <= announced
 
 
 def test_a_collector_down_for_the_whole_run_then_up(tmp_path):

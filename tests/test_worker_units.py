@@ -159,3 +159,36 @@ def test_the_loss_line_counts_the_requests_under_way_at_the_deadline(caplog):
     assert len(lines) == 1
     assert "3 event(s) not delivered before the shutdown deadline; they are lost" in lines[0]
     assert "(1 of them had a request under way, and may have arrived)" in lines[0]
+
+
+def test_no_request_starts_within_two_round_trips_of_the_exit_deadline(tmp_path):
+    # A fake clock that only the transport moves: each request takes 0.1 s.
+    # With a spool, a request that would end past the deadline is not
+    # started (its answer would be lost, the event spooled, and maybe sent
+    # twice); the spool keeps the rest instead.
+    now = [1000.0]
+    starts: list[float] = []
+
+    class Timed(ScriptedTransport):
+        def send(self, body, timeout=None):
+            starts.append(now[0])
+            now[0] += 0.1
+            return super().send(body, timeout)
+
+    options = {"flush_interval": 600, "max_in_flight": 1, "spool_dir": str(tmp_path / "s")}
+    made = Worker(
+        Config(server_key="sk_test_key_0000", api_url="http://127.0.0.1:9", **options),
+        transport_factory=Timed(),
+        clock=lambda: now[0],
+    )
+    _made.append(made)
+    for i in range(20):
+        put(made, "v", i)
+    made.close(0.55)
+    deadline = 1000.55
+    # Sent at 1000.0 (latency unknown yet), then at 1000.1, 1000.2 and
+    # 1000.3 (0.25 s left, more than 2 x 0.1 s); at 1000.4 only 0.15 s was left.
+    assert starts == pytest.approx([1000.0, 1000.1, 1000.2, 1000.3])
+    assert all(deadline - start >= 0.2 for start in starts[1:])
+    stats = made.stats()
+    assert (stats.sent, stats.spooled, stats.pending) == (4, 16, 0)
