@@ -210,6 +210,9 @@ class Produl:
         self._secret = self._config.visitor_id_secret
         self._enabled = enabled = self._config.enabled
         self._raise = raise_on_invalid
+        #: Events lost or set aside as of the last flush() (see _losses).
+        self._losses_seen = 0
+        self._losses_lock = threading.Lock()
         if enabled:
             with _live_lock:
                 _live.add(self._worker)
@@ -385,11 +388,24 @@ class Produl:
                 negative number counts as 0); ``None`` waits until done.
 
         Returns:
-            True when every event queued before the call was delivered or
-            definitively handled (a refused event is dropped and reported);
-            False when the timeout ran out first.
+            True when every event queued before the call was delivered, and
+            no event was dropped or spooled since the previous ``flush()``
+            returned (or since the client was made). False when the timeout
+            ran out first, or when any event was dropped (a wrong key, a
+            refused event, retries given up, a full queue) or spooled
+            meanwhile: :attr:`stats` says which. An event that
+            ``before_send`` dropped on purpose does not count.
         """
-        return self._worker.flush(timeout)
+        done = self._worker.flush(timeout)
+        losses = self._losses()
+        with self._losses_lock:
+            clean = losses == self._losses_seen
+            self._losses_seen = losses
+        return done and clean
+
+    def _losses(self) -> int:
+        stats = self._worker.stats()
+        return stats.spooled + stats.dropped_total - stats.dropped.get("before_send", 0)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Deliver what is queued (within *timeout*), then stop the sender.

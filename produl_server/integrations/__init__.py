@@ -84,7 +84,8 @@ def flush_clients(clients: list[Produl], budget: float | None, why: str) -> None
         except Exception:
             log.exception("produl_server: flush at %s failed", why)
             continue
-        if not done:
+        # False with nothing pending: drops, each already logged and reported.
+        if not done and client.stats.pending:
             log.warning(
                 "produl_server: %d event(s) still pending after the %s flush (%.1f s budget)",
                 client.stats.pending,
