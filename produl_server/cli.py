@@ -597,6 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("demo", help="a tour against an embedded collector; no account needed")
+    doc = sub.add_parser("doctor", help="check that this machine can deliver events")
+    doc.add_argument("--server-key", help="default: $PRODUL_SERVER_KEY")
+    doc.add_argument("--api-url", help="default: $PRODUL_API_URL or Produl's API")
+    doc.add_argument("--spool", metavar="DIR", help="the spool_dir (default: $PRODUL_SPOOL_DIR)")
+    doc.add_argument("--quota-dir", metavar="DIR", help="default: $PRODUL_QUOTA_DIR")
+    doc.add_argument("--redis", metavar="URL", help="the redis_url (default: $PRODUL_REDIS_URL)")
+    doc.add_argument("--timeout", type=_seconds, default=5.0, help="seconds per check (default 5)")
+    doc.add_argument("--send-test-event", action="store_true", help="send one event to try the key")
     return parser
 
 
@@ -629,6 +637,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_events(args)
         if args.command == "drain":
             return cmd_drain(args)
+        if args.command == "doctor":
+            from produl_server._doctor import run_from_args  # noqa: PLC0415
+
+            return run_from_args(args, _out)
         if args.command == "demo":
             from produl_server._demo import run_demo  # noqa: PLC0415
 
