@@ -240,7 +240,7 @@ def test_credentials_in_the_api_url_are_one_line_without_the_password(env: dict[
 def test_help_and_version() -> None:
     result = run("--help")
     assert result.returncode == 0
-    for command in ("collector", "event", "pageview", "events", "demo"):
+    for command in ("collector", "event", "pageview", "events", "demo", "doctor"):
         assert command in result.stdout
     assert run("--version").stdout.startswith("produl-server ")
 
