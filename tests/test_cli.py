@@ -250,6 +250,7 @@ def test_demo_runs_offline_and_loses_nothing() -> None:
     assert result.returncode == 0, result
     assert "invoice_paid" in result.stdout
     assert "<- 429" in result.stdout
+    assert "session=s1 lang=en-GB" in result.stdout
     assert "All 29 events arrived, none lost." in result.stdout
     assert "dropped=0" in result.stdout
     assert "Traceback" not in result.stderr
