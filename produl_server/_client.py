@@ -119,7 +119,7 @@ class Produl:
             ``api_url``.
         before_send: Called on the caller's thread with each valid event
             as a plain dict in the API's words (``t``, ``n``, ``p``, ``u``,
-            ``vi``, ``sk``, ``ti``, ``r``, ``pr``; a fresh copy it may
+            ``vi``, ``sk``, ``ti``, ``r``, ``l``, ``pr``; a fresh copy it may
             change). It returns the dict to send, changed or not, which is
             validated like the arguments of ``track_*``, or ``None`` to drop
             the event (counted as ``before_send``, not an error). If it
