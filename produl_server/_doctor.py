@@ -9,31 +9,18 @@ Nothing is sent to the API unless ``--send-test-event`` is given: Produl's
 API has no request that checks a key without collecting an event, so
 without it the key's shape is checked, never whether the API accepts it.
 
-Every wait is bounded: name resolution, the TCP connection and the TLS
-handshake share one ``timeout`` per address; Redis calls keep their own 2 s
-deadline; the test event is tried for at most ``timeout`` seconds.
-
-What it opens, all through the modules a client uses, never the sender's
-internals: :meth:`Config.from_env <produl_server.Config.from_env>`;
-an existing spool file through :class:`~produl_server._spool.Spool`
-(``census``, ``pending_count``, ``close``; a missing one is not created);
-the host's quota file through :class:`~produl_server._hostquota.HostQuota`
-(``wait``, which counts without taking, ``shared``, ``path``, ``close``;
-it creates the file as any client would); Redis through
-:class:`~produl_server._redis.RedisLink` (``call``) with
-:func:`~produl_server._redis.quota_key` and
-:func:`~produl_server._redis.spool_key`.
+The checks live in three modules: :mod:`._doctor_net` (can the API be
+reached: name, TCP, TLS), :mod:`._doctor_state` (the host's quota, the
+spool, Redis) and this one (the configuration, the key, delivery at exit,
+the test event, and the report). :mod:`._doctor_report` holds what a check
+found. Every wait is bounded: see each module; the test event is tried for
+at most ``timeout`` seconds, plus 5 for the last answer.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import socket
-import ssl
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -49,10 +36,12 @@ from ._config import (
     URL_ENV,
     Config,
     is_loopback,
-    key_fingerprint,
     mask_key,
     mask_url,
 )
+from ._doctor_net import reach
+from ._doctor_report import FAIL, OK, SKIP, WARN, Check, captured_warnings
+from ._doctor_state import quota, redis, spool
 from .exceptions import ConfigurationError, DeliveryError
 
 __all__ = ["Check", "DoctorOptions", "run_doctor", "run_from_args"]
@@ -60,26 +49,8 @@ __all__ = ["Check", "DoctorOptions", "run_doctor", "run_from_args"]
 #: The name of the custom event ``--send-test-event`` sends.
 TEST_EVENT = "produl_doctor_test"
 
-OK, FAIL, WARN, SKIP = "ok", "fail", "warn", "skip"
 _MARKS = {OK: "✓", FAIL: "✗", WARN: "!", SKIP: "-"}
 _ASCII_MARKS = {OK: "+", FAIL: "x", WARN: "!", SKIP: "-"}
-
-
-@attrs.frozen
-class Check:
-    """One line of the report.
-
-    Attributes:
-        status: ``"ok"``, ``"fail"``, ``"warn"`` or ``"skip"``.
-        text: What was found.
-        remedy: What to do about it (for ``fail`` and ``warn``).
-        details: Further lines shown under it.
-    """
-
-    status: str
-    text: str
-    remedy: str | None = None
-    details: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -177,10 +148,10 @@ def _all_checks(options: DoctorOptions, environ: Mapping[str, str]) -> Iterator[
     if config is None:
         return
     yield _key(config)
-    yield from _reach(config, options.timeout, environ)
-    yield _quota(config)
-    yield _spool(config)
-    yield from _redis(config)
+    yield from reach(config, options.timeout, environ)
+    yield quota(config)
+    yield spool(config)
+    yield from redis(config)
     yield from _exit(config, environ)
     yield _test_event(config, options)
 
@@ -257,336 +228,6 @@ def _key(config: Config) -> Check:
     return Check(OK, f"the server key {shown} looks like a server key")
 
 
-# -- the API's address --------------------------------------------------------------
-
-
-def _reach(config: Config, timeout: float, environ: Mapping[str, str]) -> Iterator[Check]:
-    url = parse_url(config.api_url)
-    scheme, host = url.scheme or "https", url.host or ""
-    port = url.port or (443 if scheme == "https" else 80)
-    shown = mask_url(config.api_url)
-    proxy = config.proxy or _environ_proxy(config.api_url, scheme, host)
-    if proxy is not None:
-        proxy_url = parse_url(proxy)
-        proxy_host = proxy_url.host or ""
-        proxy_port = proxy_url.port or (443 if proxy_url.scheme == "https" else 80)
-        yield _connect(
-            f"the proxy {mask_url(proxy)}", proxy_host, proxy_port, None, timeout, environ
-        )
-        yield Check(
-            SKIP,
-            f"{shown} is reached through that proxy: its name and TLS are not checked "
-            "from here (--send-test-event tries the whole way)",
-        )
-        return
-    tls = config.verify if scheme == "https" else None
-    yield _connect(shown, host, port, tls, timeout, environ)
-    if scheme == "http" and not is_loopback(host):
-        yield Check(
-            FAIL,
-            f"{shown} is plain http to another machine: the key would cross the "
-            "network unencrypted",
-            "use the https:// URL",
-        )
-    elif scheme == "https" and config.verify is False:
-        yield Check(
-            WARN,
-            "TLS certificates are not checked (verify=False)",
-            "pass verify=True, or the path of your CA bundle",
-        )
-
-
-def _environ_proxy(api_url: str, scheme: str, host: str) -> str | None:
-    if is_loopback(host):
-        return None  # the SDK never reaches this machine through a proxy
-    import requests.utils  # noqa: PLC0415 -- what the SDK reads, as it reads it
-
-    proxy: str | None = requests.utils.get_environ_proxies(api_url).get(scheme)
-    return proxy or None
-
-
-def _connect(
-    what: str,
-    host: str,
-    port: int,
-    verify: bool | str | None,
-    timeout: float,
-    environ: Mapping[str, str],
-) -> Check:
-    """Resolve, connect and (with *verify* not None) complete a TLS handshake."""
-    deadline = time.monotonic() + timeout
-    try:
-        addresses = _resolve(host, port, timeout)
-    except OSError as exc:
-        return Check(
-            FAIL,
-            f"{what}: cannot resolve {host} ({_reason(exc)})",
-            "check the host name in the URL, and this machine's DNS",
-        )
-    shown = ", ".join(sorted({str(address[4][0]) for address in addresses})[:3])
-    try:
-        sock = _open(addresses, deadline)
-    except OSError as exc:
-        return Check(
-            FAIL,
-            f"{what}: {host} resolves to {shown}, but no connection to port {port} "
-            f"({_reason(exc)})",
-            "check that the server runs and that a firewall lets this machine reach it",
-        )
-    with contextlib.closing(sock):
-        if verify is None:
-            return Check(OK, f"{what}: connected to {host}:{port} ({shown}), plain http")
-        try:
-            context = _tls_context(verify, environ)
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            with context.wrap_socket(sock, server_hostname=host) as tls:
-                version = tls.version()
-        except (OSError, ssl.SSLError) as exc:
-            return Check(
-                FAIL,
-                f"{what}: connected to {host}:{port}, but the TLS handshake failed "
-                f"({_reason(exc)})",
-                "check the certificate, or point REQUESTS_CA_BUNDLE at your CA bundle",
-            )
-    return Check(OK, f"{what}: {host} resolves ({shown}); TLS handshake done ({version})")
-
-
-def _resolve(host: str, port: int, timeout: float) -> list[Any]:
-    """``getaddrinfo`` within *timeout*: it has no timeout of its own."""
-    found: list[Any] = []
-    failed: list[OSError] = []
-
-    def look_up() -> None:
-        try:
-            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except OSError as exc:
-            failed.append(exc)
-
-    # A daemon thread: a resolver that hangs is left behind, never waited for.
-    worker = threading.Thread(target=look_up, name="produl-server.doctor-dns", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if failed:
-        raise failed[0]
-    if not found:
-        raise TimeoutError(f"no answer within {timeout:g} s")
-    return found
-
-
-def _open(addresses: list[Any], deadline: float) -> socket.socket:
-    last: OSError = TimeoutError("no time left")
-    for family, kind, proto, _name, address in addresses:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        sock = socket.socket(family, kind, proto)
-        sock.settimeout(left)
-        try:
-            sock.connect(address)
-        except OSError as exc:
-            sock.close()
-            last = exc
-            continue
-        return sock
-    raise last
-
-
-def _tls_context(verify: bool | str, environ: Mapping[str, str]) -> ssl.SSLContext:
-    """The certificates the SDK would trust (``verify`` as ``requests`` reads it)."""
-    if verify is False:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    import requests.utils  # noqa: PLC0415
-
-    bundle = (
-        verify
-        if isinstance(verify, str)
-        else environ.get("REQUESTS_CA_BUNDLE")
-        or environ.get("CURL_CA_BUNDLE")
-        or requests.utils.DEFAULT_CA_BUNDLE_PATH
-    )
-    # Like requests, a directory of hashed certificates works too.
-    if os.path.isdir(bundle):
-        return ssl.create_default_context(capath=bundle)
-    return ssl.create_default_context(cafile=bundle)
-
-
-def _reason(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return " ".join(str(text).split())[:200]
-
-
-# -- the host's quota -----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _warnings() -> Iterator[list[str]]:
-    """Collect what the library logs at WARNING and above while a check runs."""
-    seen: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage().removeprefix("produl_server: "))
-
-    handler = Keep(logging.WARNING)
-    logger = logging.getLogger("produl_server")
-    logger.addHandler(handler)
-    try:
-        yield seen
-    finally:
-        logger.removeHandler(handler)
-
-
-def _quota(config: Config) -> Check:
-    from ._hostquota import HostQuota  # noqa: PLC0415
-
-    limit = config.max_requests_per_minute
-    if limit is None or not config.shared_quota:
-        return Check(SKIP, "the quota is per process (no shared quota configured)")
-    host = parse_url(config.api_url).host or ""
-    if config.quota_dir is None and is_loopback(host):
-        return Check(
-            SKIP,
-            "api_url is on this machine: each process paces alone "
-            f"({QUOTA_DIR_ENV} shares a quota anyway)",
-        )
-    with _warnings() as seen:
-        quota = HostQuota(limit, config.api_url, config.quota_dir)
-        try:
-            quota.wait(time.time())
-            shared, path, used = quota.shared, quota.path, quota.used
-        finally:
-            quota.close()
-    if shared and path is not None:
-        return Check(
-            OK,
-            f"the quota directory {os.path.dirname(path)} is usable and shared by this "
-            f"user's processes: {used} of {limit} requests used in the last minute",
-        )
-    why = seen[0] if seen else "the quota file could not be used"
-    return Check(
-        FAIL,
-        f"the host's quota cannot be shared: {why}",
-        f"set {QUOTA_DIR_ENV} to a directory of your own (mode 0700); containers behind "
-        "one address need one on a volume they share",
-    )
-
-
-# -- the spool ---------------------------------------------------------------------------
-
-
-def _spool(config: Config) -> Check:
-    from ._spool import FILENAME, Spool, SpoolError  # noqa: PLC0415
-
-    directory = config.spool_dir
-    if directory is None:
-        return Check(
-            SKIP,
-            "no spool: what cannot be sent in time is dropped "
-            f"(set {SPOOL_ENV} to keep it for the next run)",
-        )
-    if not os.path.exists(os.path.join(directory, FILENAME)):
-        parent = directory
-        while not os.path.exists(parent) and os.path.dirname(parent) != parent:
-            parent = os.path.dirname(parent)
-        if os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK):
-            made = "exists" if parent == directory else "will be created"
-            return Check(OK, f"the spool directory {directory} {made}; no event is spooled yet")
-        return Check(
-            FAIL,
-            f"the spool directory {directory} cannot be created or written",
-            f"point {SPOOL_ENV} at a directory this user can write",
-        )
-    try:
-        with _warnings():
-            spool = Spool(directory, config.api_url, key_fingerprint(config.server_key))
-        try:
-            census = spool.census()
-            ready = spool.pending_count()
-        finally:
-            spool.close()
-    except SpoolError as exc:
-        return Check(FAIL, f"the spool cannot be used: {exc}", "see the message; fix or move it")
-    text = (
-        f"the spool {directory} is usable: {census.mine} event(s) of this key waiting "
-        f"({ready} ready to send now), {census.others} of other URLs or keys, "
-        f"{census.unowned} unowned, {census.quarantined} in quarantine"
-    )
-    if census.quarantined:
-        return Check(
-            WARN,
-            text,
-            "events in quarantine cannot be sent: look at the spool's quarantine table",
-        )
-    if census.mine:
-        return Check(
-            WARN,
-            text,
-            f"the next client delivers them, or now: produl-server drain --spool {directory}",
-        )
-    return Check(OK, text)
-
-
-# -- Redis ------------------------------------------------------------------------------
-
-
-def _redis(config: Config) -> Iterator[Check]:
-    if config.redis_url is None:
-        yield Check(SKIP, f"no redis_url: no fleet quota to check ({REDIS_ENV})")
-        return
-    from ._redis import RedisDownError, RedisLink, quota_key, spool_key  # noqa: PLC0415
-    from ._schedule import QUOTA_WINDOW  # noqa: PLC0415
-
-    where = f"Redis at {mask_url(config.redis_url)}"
-    try:
-        link = RedisLink(config.redis_url)
-    except ConfigurationError as exc:
-        yield Check(FAIL, f"{where} cannot be used: {exc}", "see the message")
-        return
-    window = quota_key(config.api_url, config.quota_key)
-    stream = spool_key(config.api_url, key_fingerprint(config.server_key))
-
-    def read(client: Any) -> tuple[int, int]:
-        client.ping()
-        seconds, micros = client.time()
-        horizon = int(seconds) * 1000 + int(micros) // 1000 - int(QUOTA_WINDOW * 1000)
-        return int(client.zcount(window, f"({horizon}", "+inf")), int(client.xlen(stream))
-
-    try:
-        with _warnings() as seen:
-            used, spooled = link.call(read, now=True)
-    except RedisDownError:
-        why = seen[0] if seen else "no answer"
-        yield Check(
-            FAIL,
-            f"{where} does not answer: {why}",
-            "check the URL, the password and that Redis runs; until it answers, clients "
-            "pace with this host's quota and spool locally",
-        )
-        return
-    finally:
-        link.close()
-    limit = config.max_requests_per_minute
-    yield Check(OK, f"{where} answers")
-    share = f"{used} of {limit}" if limit is not None else f"{used} (no limit set)"
-    check = Check(OK, f"the fleet's quota: {share} requests used in the last minute")
-    if limit is not None and used >= limit:
-        check = attrs.evolve(
-            check,
-            status=WARN,
-            remedy="the fleet is at its limit: events wait until the window frees up",
-        )
-    yield check
-    if spooled:
-        yield Check(
-            WARN,
-            f"{spooled} event(s) of this key spooled in Redis",
-            "a running client delivers them, or now: produl-server drain --redis URL",
-        )
-
-
 # -- delivery at exit ---------------------------------------------------------------------
 
 #: Hosts that freeze or end a process without running its exit hooks.
@@ -656,7 +297,7 @@ def _test_event(config: Config, options: DoctorOptions) -> Check:
 
     errors: list[DeliveryError] = []
     timeout = options.timeout
-    with _warnings():
+    with captured_warnings():
         client = Produl(
             server_key=config.server_key,
             api_url=config.api_url,
