@@ -120,7 +120,7 @@ class Produl:
             ``api_url``.
         before_send: Called on the caller's thread with each valid event
             as a plain dict in the API's words (``t``, ``n``, ``p``, ``u``,
-            ``vi``, ``sk``, ``ti``, ``r``, ``pr``; a fresh copy it may
+            ``vi``, ``sk``, ``ti``, ``r``, ``l``, ``pr``; a fresh copy it may
             change). It returns the dict to send, changed or not, which is
             validated like the arguments of ``track_*``, or ``None`` to drop
             the event (counted as ``before_send``, not an error). If it
@@ -244,6 +244,7 @@ class Produl:
         title: str | None = None,
         referrer: str | None = None,
         session_key: str | int | uuid.UUID | None = None,
+        language: str | None = None,
     ) -> None:
         """Queue a server-side pageview.
 
@@ -257,6 +258,8 @@ class Produl:
             title: Page title.
             referrer: Referrer URL.
             session_key: Groups pageviews into a session.
+            language: The visitor's language, a BCP 47 tag such as ``en`` or
+                ``fr-CH`` (at most 35 characters), sent as ``l``.
 
         Raises:
             InvalidEventError: A required field is missing, a value has the
@@ -273,11 +276,12 @@ class Produl:
                 return
             path, visitor_id, url = data.path, data.visitor_id, data.url
             title, referrer, session_key = data.title, data.referrer, data.session_key
+            language = data.language
         try:
             if self._secret is not None:
                 visitor_id = pseudonym("visitor_id", visitor_id, self._secret)
                 session_key = pseudonym("session_key", session_key, self._secret)
-            body = encode_pageview(path, visitor_id, url, title, referrer, session_key)
+            body = encode_pageview(path, visitor_id, url, title, referrer, session_key, language)
         except InvalidEventError as exc:
             self._refuse(exc, {"t": "pv", "p": path, "vi": visitor_id})
             return

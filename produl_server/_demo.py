@@ -70,7 +70,10 @@ def run_demo(out: Callable[[str], None]) -> int:
         )
         try:
             out("1. Two server-side pageviews for one visitor and session:")
-            produl.track_pageview(path="/pricing", visitor_id="cus_demo", session_key="s1")
+            out("   (the middleware fills in the language from Accept-Language, as here)")
+            produl.track_pageview(
+                path="/pricing", visitor_id="cus_demo", session_key="s1", language="en-GB"
+            )
             produl.track_pageview(
                 path="/checkout", visitor_id="cus_demo", session_key="s1", title="Checkout"
             )
@@ -121,7 +124,8 @@ def run_demo(out: Callable[[str], None]) -> int:
     )
     if len(events) == expected and dropped == 0:
         out(f"\nAll {expected} events arrived, none lost.")
-        out("Next: run `produl-server collector` and watch events live in your browser.")
+        out("Next: run `produl-server collector` and watch events live in your browser;")
+        out("where your app runs, `produl-server doctor` checks it can deliver.")
         return 0
     out(f"\nExpected {expected} events, the collector has {len(events)}.")
     return 1
