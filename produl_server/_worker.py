@@ -34,13 +34,14 @@ from typing import Any
 import attrs
 
 from ._config import MAX_SECONDS, Config, exit_lanes, mask_key
-from ._durable import Outbox, make_quota, open_outbox
 from ._ledger import Ledger, Stats
-from ._redis import FleetOutbox, open_fleet
-from ._schedule import Quota, RollingQuota, Schedule, Verdict
+from ._outbox import Outbox
+from ._quota import Quota
+from ._schedule import Schedule, Verdict
 from ._spool import Census
 from ._transport import Outcome, Transport
 from ._transport import Verdict as Answer
+from ._wiring import Wiring, wire
 from .exceptions import DeliveryError
 
 log = logging.getLogger("produl_server")
@@ -140,7 +141,7 @@ class _Core:
         transport_factory: Callable[[Config], Transport],
         clock: Clock,
         quota: Quota,
-        outbox: Outbox | FleetOutbox | None,
+        outbox: Outbox | None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -808,29 +809,17 @@ class Worker:
         config: Config,
         transport_factory: Callable[[Config], Transport] = Transport,
         clock: Clock = time.monotonic,
+        wiring: Wiring | None = None,
     ) -> None:
         self._config = config
         self._make_transport = transport_factory
         self._clock = clock
-        if not config.enabled:
-            # A disabled client sends nothing: it opens no quota file, no
-            # spool and no Redis connection.
-            self._quota: Quota = RollingQuota(None)
-            self._outbox: Outbox | FleetOutbox | None = None
-        else:
-            self._quota = make_quota(config)
-            self._outbox = open_outbox(config)
-        if config.enabled and config.redis_url is not None:
-            self._quota, self._outbox = open_fleet(config, self._quota, self._outbox)
+        wiring = wire(config) if wiring is None else wiring
+        self._quota = wiring.quota
+        self._outbox = wiring.outbox
         self._reset()
-        # Events spooled by an earlier run: deliver them now, first. Only the
-        # sender asks Redis whether there are any.
-        outbox = self._outbox
-        if (
-            outbox is not None
-            and config.enabled
-            and (isinstance(outbox, FleetOutbox) or outbox.count())
-        ):
+        # Events spooled by an earlier run: deliver them now, first.
+        if self._outbox is not None and config.enabled and self._outbox.worth_a_look():
             self._start()
 
     def _reset(self) -> None:
@@ -1033,6 +1022,11 @@ class Worker:
         budget = _bounded(self._config.shutdown_timeout if timeout is None else timeout) or 0.0
         self.begin_close(self._clock() + budget)
         self.wait_closed()
+
+    @property
+    def shutdown_timeout(self) -> float:
+        """The configured exit budget (the exit hook shares the largest)."""
+        return self._config.shutdown_timeout
 
     @property
     def closed(self) -> bool:

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from produl_server._client import worker_of
 from produl_server._config import MAX_SECONDS, is_loopback, mask_key, mask_url
 from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
 from produl_server._version import __version__
@@ -387,7 +388,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
         )
     except ConfigurationError as exc:
         raise _UsageError(str(exc)) from None
-    worker = client._worker
+    worker = worker_of(client)
     adopted = worker.adopt_unowned() if args.adopt_unowned else 0
     show = _progress if sys.stderr.isatty() else None
     try:

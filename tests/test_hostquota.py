@@ -26,7 +26,7 @@ import pytest
 import produl_server
 from produl_server import _hostquota
 from produl_server._hostquota import HostQuota
-from produl_server._schedule import RollingQuota
+from produl_server._quota import RollingQuota
 
 WINDOW = 61.0
 #: A wall-clock time for the injected ``now`` values.
