@@ -17,9 +17,9 @@ clock; ``now`` paces its fallback while Redis does not answer).
 from __future__ import annotations
 
 import collections
-from typing import Protocol
+from typing import Any, Protocol
 
-__all__ = ["QUOTA_WINDOW", "Quota", "RollingQuota"]
+__all__ = ["QUOTA_WINDOW", "Quota", "RollingQuota", "kept_in"]
 
 #: The quota window, with a margin for the request's trip to the collector:
 #: a request sent just inside our window may arrive just outside the API's.
@@ -80,3 +80,19 @@ class Quota(Protocol):
     @property
     def used(self) -> int:
         """Requests counted in the window."""
+
+
+def kept_in(quota: Any) -> str:
+    """What ``stats.quota`` shows: where the window is kept right now.
+
+    The host's quota paces this process alone while its lock is held by a
+    stopped process or its file was given up; ``stats`` then says
+    ``memory``, not ``host`` (#18, item 14). With Redis down, the same
+    holds for its fallback.
+    """
+    kind: str = quota.kind
+    if kind == "host":
+        host = getattr(quota, "fallback", quota)
+        if getattr(host, "shared", True) is False:
+            return "memory"
+    return kind

@@ -24,7 +24,6 @@ from produl_server._redis import (
     RETRY_EVERY,
     FleetOutbox,
     FleetQuota,
-    FleetView,
     RedisLink,
     RedisSpool,
     open_fleet,
@@ -32,6 +31,7 @@ from produl_server._redis import (
     spool_key,
 )
 from produl_server._spool import Spool
+from produl_server.collector._fleet import FleetView
 from produl_server.testing import LocalCollector
 
 API = "https://app.produl.tech"
