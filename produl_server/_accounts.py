@@ -235,9 +235,9 @@ class Accounts:
             item = Item(event.body, event.visitor, self.ledger.accept())
             item.spool_id = event.id
             items.append(item)
-        if items:
-            with self._end.lock:
-                self._end.took = True
+        with self._end.lock:
+            count = self._end.took = self._end.took or bool(items)
+        if count:
             self._count_backlog()
         return items
 

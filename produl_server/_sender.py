@@ -1,106 +1,35 @@
-"""The loops that deliver what callers queued. They never run at the same time.
+"""The sender thread: the default loop that delivers what callers queued.
 
-- :class:`ThreadSender`, the default: a daemon thread, ``produl-server.sender``.
+- :class:`ThreadSender`: a daemon thread, ``produl-server.sender``.
   It waits for a batch to be due (:mod:`._schedule`), then sends, with
   :mod:`._lanes` for a backlog at real latency. Other threads talk to it
   only through its :class:`_Mailbox` (a flush, the exit deadline, a look
   in the spool) and read what it holds only through :class:`_Hands`, each
   under its own lock.
-- :class:`InlineSender`, for ``sync_mode`` (and for an exit where no thread
-  can start): sends on the caller's thread, under its own lock, within the
-  caller's deadline.
-
-Both hand every outcome to :class:`~._accounts.Accounts`.
+- The other loop, for ``sync_mode``, is :class:`~._inline.InlineSender`;
+  the two never run at the same time. Both hand every outcome to
+  :class:`~._accounts.Accounts`.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
-import time
 
-from ._accounts import FINISH_WAIT, Accounts
+from ._accounts import Accounts
 from ._inbox import Item
 from ._lanes import Lanes
 from ._mailbox import Hands, Mailbox
 from ._transport import Outcome
+from ._transport import Verdict as Answer
 
 log = logging.getLogger("produl_server")
 
-__all__ = ["InlineSender", "ThreadSender"]
+__all__ = ["ThreadSender"]
 
 #: How often an idle sender with a spool looks in it for events; at least
 #: twice per lease, so that what a dead sender had claimed is soon taken over.
 SPOOL_RECHECK = 30.0
-
-_local = threading.local()
-
-
-class InlineSender:
-    """Sends on the caller's thread (``sync_mode``, or no thread at exit).
-
-    One caller at a time holds the lock; another waits for it only as long
-    as its own deadline allows. Called again from inside a delivery (an
-    ``on_error`` hook that flushes), it returns False at once.
-    """
-
-    def __init__(self, accounts: Accounts) -> None:
-        self._acc = accounts
-        self._lock = threading.Lock()
-        #: Taken from the inbox, not sent yet (under the lock).
-        self._pending: collections.deque[Item] = collections.deque()
-
-    def run(self, deadline: float | None, *, wait: bool) -> bool:
-        """Deliver what is queued until *deadline*; True when nothing is left."""
-        if getattr(_local, "delivering", False):
-            if wait:
-                log.warning("produl_server: flush() called from an on_error hook; ignored")
-            return False
-        budget = -1.0 if deadline is None else max(0.0, deadline - self._acc.clock())
-        if not self._lock.acquire(timeout=budget):
-            return False
-        _local.delivering = True
-        try:
-            return self._deliver(deadline, wait=wait)
-        finally:
-            _local.delivering = False
-            self._lock.release()
-
-    def leftovers(self) -> list[Item]:
-        """What is still in its hands (the end, once no caller delivers).
-
-        A caller still delivering (its own deadline is later) keeps them
-        for at most ``FINISH_WAIT``: then the end counts them lost
-        without naming each to ``on_error``.
-        """
-        if not self._lock.acquire(timeout=FINISH_WAIT):
-            return []
-        try:
-            return list(self._pending)
-        finally:
-            self._lock.release()
-
-    def _deliver(self, deadline: float | None, *, wait: bool) -> bool:
-        acc = self._acc
-        pending = self._pending
-        while True:
-            pending.extend(Item(*queued) for queued in acc.inbox.take_all())
-            if not pending or acc.finished:
-                return not pending
-            now = acc.clock()
-            if deadline is not None and now >= deadline:
-                return False
-            pause = acc.schedule.gate(now)
-            if pause:
-                if not wait or (deadline is not None and now + pause >= deadline):
-                    return False
-                time.sleep(pause)
-                continue
-            item = pending.popleft()
-            timeout = None if deadline is None else deadline - now
-            if acc.settle(item, acc.attempt(acc.get_transport(), item, timeout)):
-                pending.appendleft(item)
 
 
 class ThreadSender:
@@ -260,8 +189,7 @@ class ThreadSender:
         items = acc.take_spooled()
         # Again at once while the spool has events, else in a while: another
         # process may spool some meanwhile.
-        recheck = min(SPOOL_RECHECK, acc.outbox.lease / 2)
-        self._spool_next = now if items else now + recheck
+        self._spool_next = now if items else now + self._recheck()
         self._backlog = bool(items)
         self._hands.add(items)
         self._mail.looked(acc.ledger.accepted if items else 0)
@@ -340,4 +268,16 @@ class ThreadSender:
         acc = self._acc
         if acc.finished:
             return
-        self._hands.settled(item, again=acc.settle(item, outcome))
+        again = acc.settle(item, outcome)
+        self._hands.settled(item, again=again)
+        if item.spool_id is not None and not again and outcome.verdict is Answer.RETRY:
+            # Out of retry time, and back in the spool: the collector is
+            # down, and taking it again at once would only send it again,
+            # and again. The spool waits for the next look.
+            self._spool_next = acc.clock() + self._recheck()
+            self._backlog = False
+            self._mail.looked(0)
+
+    def _recheck(self) -> float:
+        outbox = self._acc.outbox
+        return SPOOL_RECHECK if outbox is None else min(SPOOL_RECHECK, outbox.lease / 2)

@@ -23,10 +23,11 @@ import attrs
 from ._accounts import Accounts, Clock
 from ._config import MAX_SECONDS, Config
 from ._inbox import Item
+from ._inline import InlineSender
 from ._ledger import Stats
 from ._quota import kept_in
 from ._reports import Door
-from ._sender import InlineSender, ThreadSender
+from ._sender import ThreadSender
 from ._spool import Census
 from ._transport import Transport
 from ._wiring import Wiring, wire

@@ -16,6 +16,7 @@ SENDER = [
     "_worker",
     "_inbox",
     "_sender",
+    "_inline",
     "_lanes",
     "_mailbox",
     "_accounts",

@@ -18,6 +18,7 @@ from produl_server import Config
 from produl_server._accounts import Accounts
 from produl_server._quota import QUOTA_WINDOW, RollingQuota
 from produl_server._sender import ThreadSender
+from produl_server._spool import SpooledEvent
 from produl_server._transport import Outcome, Verdict
 
 DELIVERED = Outcome(Verdict.DELIVERED, 204)
@@ -28,10 +29,69 @@ def slow_down(seconds):
     return Outcome(Verdict.RETRY, 429, seconds, "rate_limited", "HTTP 429")
 
 
+class FakeSpool:
+    """An outbox in memory: claims, acks and give-backs, 50 per claim."""
+
+    directory = "the fake spool"
+    lease = 60.0
+    quarantined = 0
+
+    def __init__(self, numbers=()):
+        self.rows = {}
+        self.claimed = set()
+        self.looks = 0
+        self.keep(
+            (json.dumps({"t": "ev", "n": "e", "vi": "s", "pr": {"i": i}}).encode(), "s")
+            for i in numbers
+        )
+
+    def keep(self, items, *, caller=False):
+        kept = 0
+        for body, visitor in items:
+            self.rows[len(self.rows) + len(self.claimed) + 10_000 + kept] = (body, visitor)
+            kept += 1
+        return kept
+
+    def take(self):
+        self.looks += 1
+        free = [row for row in sorted(self.rows) if row not in self.claimed][:50]
+        self.claimed.update(free)
+        return [SpooledEvent(row, *self.rows[row]) for row in free]
+
+    def done(self, ids):
+        for row in ids:
+            self.claimed.discard(row)
+            del self.rows[row]
+
+    def give_back(self, ids):
+        self.claimed.difference_update(ids)
+
+    def count(self):
+        return len(self.rows)
+
+    def worth_a_look(self):
+        return bool(self.rows)
+
+    def problem(self):
+        return None
+
+    def census(self):
+        return None
+
+    def adopt_unowned(self):
+        return 0
+
+    def after_fork_in_child(self):
+        pass
+
+    def close(self):
+        pass
+
+
 class Rig:
     """A sender, its accounts, a fake clock and a scripted transport."""
 
-    def __init__(self, latency=0.001, **options):
+    def __init__(self, latency=0.001, outbox=None, **options):
         options.setdefault("server_key", "sk_test_key_0000")
         options.setdefault("api_url", "http://127.0.0.1:9")
         options.setdefault("max_requests_per_minute", None)
@@ -44,7 +104,7 @@ class Rig:
         self.during_send = None
         self.config = Config(**options)
         quota = RollingQuota(self.config.max_requests_per_minute)
-        self.accounts = Accounts(self.config, lambda config: self, self.clock, quota, None)
+        self.accounts = Accounts(self.config, lambda config: self, self.clock, quota, outbox)
         self.sender = ThreadSender(self.accounts)
 
     # -- the transport ---------------------------------------------------------
@@ -246,3 +306,54 @@ def test_the_exit_stops_at_once_when_a_pause_outlives_it():
     rig.step()
     assert rig.accounts.finished
     assert rig.accounts.ledger.stats().dropped == {"shutdown": 1}
+
+
+def test_a_backlog_in_the_spool_goes_first_and_a_flush_waits_for_all_of_it():
+    # Issue #19: a run after an outage delivered 100 of 300 spooled events.
+    spool = FakeSpool(range(300))
+    rig = Rig(outbox=spool, flush_interval=600)
+    rig.track(-1)
+    rig.sender.request_flush(rig.accounts.ledger.accepted)
+    for _ in range(20):
+        rig.step()
+        target = rig.sender.backlog_after(rig.accounts.ledger.accepted, 0)
+        if target == rig.accounts.ledger.accepted and rig.accounts.ledger.pending == 0:
+            break
+    assert sorted(rig.numbers()) == [-1, *range(300)]
+    assert spool.count() == 0
+    assert rig.accounts.backlog == 0
+
+
+def test_the_exit_goes_on_with_the_backlog_and_counts_what_it_leaves():
+    spool = FakeSpool(range(300))
+    rig = Rig(latency=0.01, outbox=spool, flush_interval=600, max_in_flight=1)
+    rig.sender.set_deadline(rig.now + 1.0)
+    for _ in range(1000):
+        wait = rig.step()
+        if rig.accounts.finished:
+            break
+        rig.now += wait if wait else 0.0
+    sent = len(rig.sent)
+    # 10 ms a request, no request within two round trips of the deadline.
+    assert 90 <= sent < 100
+    stats = rig.accounts.ledger.stats()
+    assert stats.pending == 0
+    assert rig.accounts.backlog == spool.count() == 300 - sent
+
+
+def test_a_backlog_is_not_taken_again_at_once_in_an_outage():
+    # Out of retry time, a spooled event goes back to the spool; taking it
+    # again at once would only send it again, and again.
+    spool = FakeSpool(range(3))
+    rig = Rig(outbox=spool, flush_at=1, max_retry_time=1.0, retry_initial_delay=0.5)
+    rig.answers = [UNAVAILABLE] * 1000
+    for _ in range(50):
+        wait = rig.step()
+        rig.now += wait if wait else 0.0
+        if rig.now > 1010:
+            break
+    # Tried until the retry time ran out (a few attempts), then left in the
+    # spool until the next look, 30 s later.
+    assert spool.count() == 3
+    assert len(rig.attempts) < 20
+    assert spool.looks <= 3
