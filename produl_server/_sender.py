@@ -184,7 +184,7 @@ class ThreadSender:
     def _from_spool(self, now: float) -> bool:
         """Take spooled events to send first, when it is time to look; True if any."""
         acc = self._acc
-        if acc.outbox is None or now < self._spool_next:
+        if acc.outbox is None or now < self._spool_next or self._too_late(now):
             return False
         items = acc.take_spooled()
         # Again at once while the spool has events, else in a while: another

@@ -3,8 +3,9 @@
 Callers only ever put an encoded event in the :class:`~._inbox.Inbox`
 (with its visitor id and sequence number) and maybe wake the sender: they
 never block and never see a network error. What happens next belongs to
-other modules: :mod:`._sender` delivers (a thread, or the caller's own
-thread in ``sync_mode``), :mod:`._accounts` settles each event, and
+other modules: :mod:`._sender` delivers on a thread (:mod:`._inline` on
+the caller's own thread in ``sync_mode``), :mod:`._accounts` settles each
+event, and
 :mod:`._wiring` built the quota and the spool this worker was given. The
 :class:`~._ledger.Ledger` counts every event from acceptance to its end;
 ``flush()`` waits on it.
@@ -112,6 +113,7 @@ class Worker:
     def put(self, body: bytes, visitor: str | None = None) -> None:
         """Queue one encoded event; never blocks, never raises for delivery."""
         acc = self._acc
+        # Set once, under the start lock: a call that races it is counted at the end.
         if self._deadline is not None:
             item = Item(body, visitor, acc.ledger.accept())
             self._door.refuse(item, "shutdown", "track_*() called after shutdown()")
@@ -226,9 +228,7 @@ class Worker:
             if self._deadline is None:
                 self._deadline = deadline
                 if self._sender is not None:
-                    self._sender.set_deadline(deadline)
-        if self._sender is not None:
-            self._sender.wake.set()
+                    self._sender.set_deadline(deadline)  # and wakes it
 
     def begin_close_soon(self) -> None:
         """:meth:`begin_close` with the configured ``shutdown_timeout``."""
