@@ -24,6 +24,7 @@ from typing import Any
 from ._config import BeforeSend, Config, ErrorHook, mask_key, mask_url
 from ._event import PageviewData, encode_event, encode_pageview, encode_wire, pseudonym
 from ._ledger import Stats
+from ._wiring import wire
 from ._worker import Worker
 from .exceptions import DeliveryError, InvalidEventError
 
@@ -204,7 +205,7 @@ class Produl:
             default_properties=default_properties,
             visitor_id_secret=visitor_id_secret,
         )
-        self._worker = Worker(self._config)
+        self._worker = Worker(self._config, wiring=wire(self._config))
         self._before_send = before_send
         self._defaults = self._config.default_properties
         self._secret = self._config.visitor_id_secret
@@ -526,6 +527,11 @@ def _report_hook_failure(exc: Exception) -> None:
     )
 
 
+def worker_of(client: Produl) -> Worker:
+    """The worker behind *client*, for the CLI's ``drain`` (not public API)."""
+    return client._worker
+
+
 def _visitor_key(visitor_id: object) -> str | None:
     """The visitor as the sender orders its events: the wire's string."""
     if visitor_id is None or type(visitor_id) is str:
@@ -557,7 +563,7 @@ def _flush_live() -> None:
         return
     # One budget for the whole process, not one per client: the largest
     # configured shutdown_timeout, started once.
-    deadline = time.monotonic() + max(w._config.shutdown_timeout for w in workers)
+    deadline = time.monotonic() + max(w.shutdown_timeout for w in workers)
     for worker in workers:
         worker.begin_close(deadline)
     for worker in workers:

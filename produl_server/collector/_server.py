@@ -14,9 +14,9 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
-from produl_server._redis import FleetView
 from produl_server.collector._access import HostCheck
 from produl_server.collector._faults import Faults
+from produl_server.collector._fleet import FleetView
 from produl_server.collector._http import CollectorHandler
 from produl_server.collector._pace import PaceHistory
 from produl_server.collector._ratelimit import DEFAULT_RATE_LIMIT_MODE, DEFAULT_WINDOW, RateLimiter
