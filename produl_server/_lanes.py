@@ -20,6 +20,7 @@ import threading
 from ._accounts import Accounts
 from ._config import exit_lanes
 from ._inbox import Item
+from ._signals import leave_signals_to_others
 from ._transport import Outcome, Transport
 
 __all__ = ["LANE_LATENCY", "Lanes"]
@@ -171,6 +172,7 @@ class Lanes:
 
     def _lane(self, transport: Transport) -> None:
         """One lane: sends what the sender hands it, reports back."""
+        leave_signals_to_others()
         jobs = self._jobs
         while True:
             job = jobs.get()
