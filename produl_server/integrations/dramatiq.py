@@ -1,6 +1,6 @@
 """Dramatiq: deliver what actors tracked before a worker process goes away.
 
-``dramatiq`` runs each worker process as a :mod:`multiprocessing` child
+``dramatiq`` runs each worker process as a ``multiprocessing`` child
 that ends through ``os._exit()``, which skips ``atexit``. One call, next to
 where the broker and the client are made, flushes the client as each
 worker process stops::

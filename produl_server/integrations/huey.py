@@ -1,10 +1,10 @@
 """Huey: deliver what tasks tracked before a consumer's worker goes away.
 
 With ``huey_consumer -k process`` each worker is a forked
-:mod:`multiprocessing` child that ends through ``os._exit()``, which skips
+``multiprocessing`` child that ends through ``os._exit()``, which skips
 ``atexit``; with threads, the consumer's main thread may end the process
 while a worker thread still holds events. One call, next to where the
-:class:`~huey.Huey` instance and the client are made, fixes both::
+``huey.Huey`` instance and the client are made, fixes both::
 
     from huey import RedisHuey
     from produl_server import Produl
@@ -86,7 +86,7 @@ def connect(
 
     Args:
         client: The client the tasks track with.
-        huey: The :class:`huey.Huey` instance the consumer runs.
+        huey: The ``huey.Huey`` instance the consumer runs.
         flush_after_job: Also flush after every task, so that events
             arrive at once; each task then waits for the flush, at most the
             budget below.
