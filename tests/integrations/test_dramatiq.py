@@ -93,3 +93,45 @@ def test_without_connect_the_client_delivers_but_without_job_context(
     stop(worker, GRACE)
     assert numbers(produl_collector) == list(range(N))
     assert not any("queue" in e["pr"] or "job" in e["pr"] for e in produl_collector.events)
+
+
+@pytest.mark.parametrize("flush_after_job", [False, True])
+def test_the_middleware_in_a_worker_of_this_process(make_client, produl_collector, flush_after_job):
+    import dramatiq
+    from dramatiq.brokers.stub import StubBroker
+
+    from produl_server.integrations import dramatiq as produl_dramatiq
+
+    broker = StubBroker()
+    client = make_client(flush_at=1000, flush_interval=600, max_delay=600)
+    produl_dramatiq.connect(client, broker, flush_after_job=flush_after_job)
+
+    @dramatiq.actor(broker=broker, queue_name="reports", max_retries=0)
+    def build_report(n):
+        client.track_event("report", {"n": n})
+
+    broker.emit_after("process_boot")
+    worker = dramatiq.Worker(broker, worker_threads=2)
+    worker.start()
+    stopped = False
+    try:
+        for n in range(5):
+            build_report.send(n)
+        broker.join("reports", timeout=10_000)
+        worker.join()
+        if flush_after_job:
+            assert client.stats.pending == 0  # sent after each message
+        else:
+            assert produl_collector.events == []  # held until the worker stops
+        worker.stop()
+        stopped = True
+        assert client.stats.pending == 0  # after_worker_shutdown flushed
+    finally:
+        if not stopped:
+            worker.stop()
+        produl_dramatiq.disconnect()
+    client.track_event("outside")  # no job context outside a message
+    assert client.flush(10)
+    by_n = {e["pr"]["n"]: e["pr"] for e in produl_collector.events if e["n"] == "report"}
+    assert by_n == {n: {"n": n, "queue": "reports", "job": "build_report"} for n in range(5)}
+    assert [e.get("pr") for e in produl_collector.events if e["n"] == "outside"] == [None]

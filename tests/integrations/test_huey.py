@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+from integration_support import wait_until
 from queue_workers import N, check_delivery, demo_env, enqueue, numbers, stop, wait_jobs_done
 
 pytest.importorskip("huey", reason="huey is not installed (produl-server[huey])")
@@ -93,3 +94,35 @@ def test_connect_registers_once(make_client):
     finally:
         produl_huey.disconnect()
     assert produl_huey._clients == []
+
+
+def test_the_shutdown_hook_flushes_in_a_consumer_of_this_process(make_client, produl_collector):
+    from huey import MemoryHuey
+
+    from produl_server.integrations import huey as produl_huey
+
+    huey = MemoryHuey("reports")
+    client = make_client(flush_at=1000, flush_interval=600, max_delay=600)
+    produl_huey.connect(client, huey)
+
+    @huey.task()
+    def build_report(n):
+        client.track_event("report", {"n": n})
+
+    for n in range(5):
+        build_report(n)
+    consumer = huey.create_consumer(workers=2, periodic=False, initial_delay=0.01, max_delay=0.1)
+    consumer.start()
+    stopped = False
+    try:
+        wait_until(lambda: client.stats.pending == 5, 30, "the 5 tasks to track their event")
+        assert produl_collector.events == []  # held until the workers stop
+        consumer.stop(graceful=True)  # joins the workers: their on_shutdown hook ran
+        stopped = True
+        assert client.stats.pending == 0
+    finally:
+        if not stopped:
+            consumer.stop()
+        produl_huey.disconnect()
+    by_n = {e["pr"]["n"]: e["pr"] for e in produl_collector.events}
+    assert by_n == {n: {"n": n, "queue": "reports", "job": "build_report"} for n in range(5)}
