@@ -49,7 +49,7 @@ _lock = threading.Lock()
 _clients: list[Produl] = []
 _hueys: list[Any] = []
 
-#: The signals that end a task that started executing.
+#: The signals that end a task that started executing (one or two per task).
 _TASK_END = (
     signals.SIGNAL_COMPLETE,
     signals.SIGNAL_ERROR,
@@ -58,6 +58,7 @@ _TASK_END = (
     signals.SIGNAL_TIMEOUT,
     signals.SIGNAL_RATE_LIMITED,
     signals.SIGNAL_LOCKED,
+    signals.SIGNAL_RETRYING,  # after RetryTask, which sends none of the above
 )
 _HOOK_NAME = "produl_server_flush"
 
