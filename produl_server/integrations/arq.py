@@ -165,8 +165,19 @@ async def _flush_at_shutdown(ctx: dict[Any, Any]) -> None:
 
 async def _flush_after_job(ctx: dict[Any, Any]) -> None:
     options = _options
-    if options.flush_after_job:
+    if not options.flush_after_job:
+        return
+    try:
         await _aflush_all(options.shutdown_timeout, "arq job end")
+    except asyncio.CancelledError:
+        # At SIGTERM arq cancels the task of every job it still holds, even
+        # one whose result is stored, and its close() then fails on that
+        # cancellation and skips on_shutdown. The job is over: end quietly.
+        # The flush goes on in its own thread; on_shutdown flushes again.
+        task = asyncio.current_task()
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+        if uncancel is not None:
+            uncancel()
 
 
 async def _aflush_all(budget: float | None, why: str) -> None:
@@ -186,7 +197,7 @@ async def _aflush_all(budget: float | None, why: str) -> None:
         try:
             done = await client.aflush(max(0.0, deadline - time.monotonic()))
         except asyncio.CancelledError:
-            log.warning("produl_server: the %s flush was cancelled", why)
+            log.info("produl_server: stopped waiting for the %s flush (cancelled)", why)
             raise
         except Exception:
             log.exception("produl_server: flush at %s failed", why)
