@@ -23,6 +23,7 @@ from typing import Any
 
 from ._config import BeforeSend, Config, ErrorHook, mask_key, mask_url
 from ._event import PageviewData, encode_event, encode_pageview, encode_wire, pseudonym
+from ._jobs import current_job as _current_job
 from ._ledger import Stats
 from ._wiring import wire
 from ._worker import Worker
@@ -323,11 +324,15 @@ class Produl:
                 argument or key path (unless ``raise_on_invalid=False``).
                 Nothing is queued.
         """
-        if self._defaults is not None:
+        base = self._defaults
+        job = _current_job()
+        if job is not None:  # inside a task-queue job: its queue and name
+            base = dict(job) if base is None else {**base, **job}
+        if base is not None:
             if properties is None:
-                properties = self._defaults
+                properties = base
             elif isinstance(properties, Mapping):
-                properties = {**self._defaults, **properties}
+                properties = {**base, **properties}
         try:
             if self._secret is not None:
                 visitor_id = pseudonym("visitor_id", visitor_id, self._secret)
