@@ -387,7 +387,7 @@ def _watched(base: type[Any]) -> type[Any]:
             watch = _WATCHDOG.current()
             if watch is not None:
                 watch.connection = self
-            super().connect()
+            _connect_closing(self, super().connect)
 
         def request(self, *args: Any, **kwargs: Any) -> None:
             watch = _WATCHDOG.current()
@@ -410,11 +410,33 @@ def _watched(base: type[Any]) -> type[Any]:
         def _new_conn(self) -> socket.socket:
             watch = _WATCHDOG.current()
             if watch is None:
-                return super()._new_conn()  # type: ignore[no-any-return]
-            return _connect_within(self, watch.deadline)
+                raw: socket.socket = super()._new_conn()
+            else:
+                raw = _connect_within(self, watch.deadline)
+            self.produl_raw = raw
+            return raw
 
     Watched.__name__ = Watched.__qualname__ = f"Watched{base.__name__}"
     return Watched
+
+
+def _connect_closing(connection: Any, connect: Any) -> None:
+    """Run urllib3's *connect*; if it fails, close the TCP socket it opened.
+
+    urllib3 1.26 drops that socket unclosed when TLS setup fails after the
+    connection was made (a missing CA file), leaving it to the garbage
+    collector; the server meanwhile waits for a handshake.
+    """
+    connection.produl_raw = None
+    try:
+        connect()
+    except BaseException:
+        raw = connection.produl_raw
+        if raw is not None and raw is not getattr(connection, "sock", None):
+            raw.close()
+        raise
+    finally:
+        connection.produl_raw = None
 
 
 def _connect_within(connection: Any, deadline: float) -> socket.socket:

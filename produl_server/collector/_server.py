@@ -14,6 +14,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
+from produl_server._signals import leave_signals_to_others
 from produl_server.collector._access import HostCheck
 from produl_server.collector._faults import Faults
 from produl_server.collector._fleet import FleetView
@@ -36,6 +37,13 @@ MAX_CONNECTIONS = 256
 #: byte of its body; a slower one is cut (one byte every 20 s kept a thread
 #: forever, since each read stayed under the idle timeout).
 REQUEST_DEADLINE = 30.0
+
+
+def _serve(httpd: socketserver.BaseServer) -> None:
+    # Signals go to the application's threads (the CLI's main thread, a test
+    # runner's timeout), never to ours; connection threads inherit the mask.
+    leave_signals_to_others()
+    httpd.serve_forever(poll_interval=0.05)
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -303,10 +311,7 @@ class CollectorServer:
         httpd = _HTTPServer(self, (self.host, self.requested_port))
         self._httpd = httpd
         self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="produl-server.collector",
-            daemon=True,
+            target=_serve, args=(httpd,), name="produl-server.collector", daemon=True
         )
         self._thread.start()
         logger.debug("collector listening on %s", self.url)
