@@ -237,7 +237,7 @@ class _Core:
         *caller*: on a ``track_*`` caller's thread (never Redis there).
         """
         outbox = self.outbox
-        if outbox is None or not items:
+        if outbox is None or not items or (outbox.exit_only and not self.finished):
             return []
         taken = [item for item in items if item.spool_id is not None]
         fresh = [item for item in items if item.spool_id is None]
@@ -606,7 +606,8 @@ class ThreadSender:
             if limit > len(self._lanes) and limit > 1:
                 self._grow_lanes(limit)
                 limit = self._lane_limit()
-            self._fill(limit)
+            if not (len(core.pending) < 2 * limit and self._from_spool(now)):
+                self._fill(limit)
             if not core.pending:
                 return None if self._inflight else 0.0
             pause = self._send_next(transport, limit)
@@ -615,9 +616,15 @@ class ThreadSender:
                 return pause
 
     def _from_spool(self, now: float) -> bool:
-        """Take spooled events to send first, when it is time to look; True if any."""
+        """Take spooled events to send first, when it is time to look; True if any.
+
+        They are older, so they go before the queue's (also while exiting),
+        as long as the queue is less than half full (issue #22).
+        """
         core = self._core
-        if core.outbox is None or self.deadline is not None or now < self._spool_next:
+        if core.outbox is None or now < self._spool_next:
+            return False
+        if core.queue.qsize() >= core.config.max_queue_size // 2:
             return False
         items = core.take_spooled()
         # Again at once while the spool has events, else in a while: another
@@ -877,7 +884,9 @@ class Worker:
         sender = self._sender
         if sender is None and not self._sync:
             sender = self._start()
-        if core.outbox is None and len(self._items) >= self._config.max_queue_size:
+        if len(self._items) >= self._config.max_queue_size and (
+            core.outbox is None or core.outbox.exit_only
+        ):
             # Full, and nowhere to spool: refused before any object is made,
             # at the cost of an accepted call (P10), however long it lasts.
             self._refuse_full(body)
@@ -914,7 +923,7 @@ class Worker:
         core = self._core
         sender = self._sender
         spooled = False
-        if sender is not None:
+        if sender is not None and not getattr(core.outbox, "exit_only", False):
             if len(core.overflow) < self._config.max_queue_size:
                 core.overflow.append(item)
                 if len(core.overflow) == 1:
