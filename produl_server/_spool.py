@@ -249,7 +249,8 @@ class Spool:
                 if total + stored >= self.max_events:
                     break
                 db.execute(
-                    "INSERT INTO events (key, owner, body, visitor, expires) VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO events (key, owner, body, visitor, expires)"
+                    " VALUES (?, ?, ?, ?, ?)",
                     (self.key, self.owner, body, visitor, expires),
                 )
                 stored += 1

@@ -8,6 +8,7 @@ subprocess for what happens at exit.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -188,7 +189,12 @@ def test_shutdown_from_the_hook_lets_the_sender_deliver_until_the_deadline(
 
 
 def run_script(code: str, *env_pairs: tuple[str, str], timeout: float = 60):
-    env = {"PYTHONPATH": ":".join(sys.path), "PATH": "/usr/bin:/bin"}
+    env = {
+        "PYTHONPATH": ":".join(sys.path),
+        "PATH": "/usr/bin:/bin",
+        # The test's own default spool (conftest), never the real home.
+        "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"],
+    }
     env.update(dict(env_pairs))
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
