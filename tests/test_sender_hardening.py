@@ -147,6 +147,7 @@ def test_stats_add_up_after_a_lossy_shutdown(hung_collector, make_client):
         api_url=hung_collector.url,
         flush_interval=600,
         on_error=lambda e, ev: reported.append(e.reason),
+        spool_dir=False,
     )
     for i in range(3):
         produl.track_event("e", {"i": i}, visitor_id="v")
@@ -214,7 +215,7 @@ def test_a_loss_at_exit_reaches_stderr_with_no_logging_configured():
         f"""
         from produl_server import Produl
         produl = Produl(server_key="sk_test_key_0000", api_url="http://127.0.0.1:{port}",
-                        shutdown_timeout=0.5)
+                        shutdown_timeout=0.5, spool_dir=False)
         for i in range(20):
             produl.track_event("e", {{"i": i}}, visitor_id="v")
         """
