@@ -480,7 +480,7 @@ class Config:
             runtime or temp directory.
         spool_dir: Where to keep what cannot be sent in time, or None.
         default_spool_dir: Where the exit keeps what it could not send when
-            there is no ``spool_dir`` (see :func:`default_spool_path`), or
+            there is no ``spool_dir`` (``$XDG_STATE_HOME/produl-server/spool``), or
             None: off (``spool_dir=False``, ``PRODUL_SPOOL_DIR=off``, a
             ``redis_url``, or a config not built by :meth:`from_env`).
         redis_url: The Redis that holds a fleet's quota and spool, or None.
