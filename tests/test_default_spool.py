@@ -299,3 +299,33 @@ def test_runs_over_the_quota_deliver_everything_by_the_next_window(tmp_path):
     first_four = {key: n for key, n in delivered.items() if key[0] != "5"}
     assert len(first_four) == 4 * count
     assert max(first_four.values()) == 1  # none twice
+
+
+def test_a_schema_2_spool_is_upgraded_in_place_and_its_rows_never_expire(tmp_path):
+    from produl_server import _spool
+
+    path = tmp_path / FILENAME
+    db = sqlite3.connect(path, isolation_level=None)
+    for script in (_spool._SCHEMA_1, _spool._SCHEMA_2):
+        _spool._run(db, script)
+    db.execute(f"PRAGMA application_id={_spool._APPLICATION_ID}")
+    db.execute("PRAGMA user_version=2")
+    db.execute(
+        "INSERT INTO events (key, owner, body, visitor) VALUES (?, ?, ?, ?)",
+        ("https://example.test", "owner", b"{}", "v"),
+    )
+    db.close()
+    os.chmod(tmp_path, 0o700)
+    os.chmod(path, 0o600)
+    spool = Spool(tmp_path, "https://example.test", "owner", max_age=60)
+    try:
+        assert spool.expire(now=time.time() + 10**9) == 0
+        assert [event.body for event in spool.claim(10, lease=60)] == [b"{}"]
+    finally:
+        spool.close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    finally:
+        db.close()
+    assert _expiries(tmp_path) == [None]
