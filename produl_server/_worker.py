@@ -619,12 +619,12 @@ class ThreadSender:
         """Take spooled events to send first, when it is time to look; True if any.
 
         They are older, so they go before the queue's (also while exiting),
-        as long as the queue is less than half full (issue #22).
+        as long as the queue is at most half full (issue #22).
         """
         core = self._core
         if core.outbox is None or now < self._spool_next:
             return False
-        if core.queue.qsize() >= core.config.max_queue_size // 2:
+        if core.queue.qsize() > core.config.max_queue_size // 2:
             return False
         items = core.take_spooled()
         # Again at once while the spool has events, else in a while: another

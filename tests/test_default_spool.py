@@ -20,7 +20,7 @@ import pytest
 
 from produl_server import Produl
 from produl_server import _durable as durable
-from produl_server._config import Config, default_spool_path
+from produl_server._config import Config, default_spool_path, key_fingerprint
 from produl_server._spool import FILENAME, Spool
 from produl_server.testing import LocalCollector
 
@@ -329,3 +329,21 @@ def test_a_schema_2_spool_is_upgraded_in_place_and_its_rows_never_expire(tmp_pat
     finally:
         db.close()
     assert _expiries(tmp_path) == [None]
+
+
+def test_a_queue_of_one_still_delivers_what_was_spooled(tmp_path):
+    # "At most half full" of a queue of one is an empty queue: the spool
+    # must still be read (max_queue_size // 2 == 0).
+    with LocalCollector() as collector:
+        fingerprint = key_fingerprint(collector.server_key)
+        spool = Spool(tmp_path, collector.url, fingerprint)
+        spool.add([(b'{"t":"ev","n":"kept","vi":"v","p":"/"}', "v")])
+        spool.close()
+        client = Produl(
+            collector.server_key, api_url=collector.url, spool_dir=tmp_path, max_queue_size=1
+        )
+        try:
+            collector.wait_for(1, timeout=10)
+        finally:
+            client.shutdown(timeout=5)
+        assert [event["n"] for event in collector.events] == ["kept"]
