@@ -11,6 +11,7 @@ import atexit
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -516,8 +517,23 @@ def _visitor_key(visitor_id: object) -> str | None:
     return str(visitor_id)
 
 
+_exit_flush: dict[str, int] = {"running": 0, "signal": 0}
+
+
 def _flush_at_exit() -> None:
     """Give every live client one shared budget to deliver what is left."""
+    _exit_flush["running"] += 1
+    try:
+        _flush_live()
+    finally:
+        _exit_flush["running"] -= 1
+        signum = _exit_flush["signal"]
+        if signum and not _exit_flush["running"]:
+            # A SIGTERM came while we delivered: now let it end the process.
+            os.kill(os.getpid(), signum)
+
+
+def _flush_live() -> None:
     with _live_lock:
         workers = list(_live)
         _live.clear()
@@ -536,6 +552,7 @@ def _after_fork_in_child() -> None:
     global _live_lock, _mp_armed
     # The parent's threads may have held the lock at fork time.
     _live_lock = threading.Lock()
+    _exit_flush.update(running=0, signal=0)
     for worker in list(_live):
         worker.after_fork_in_child()
     _mp_armed = False
@@ -546,10 +563,12 @@ def _after_fork_in_child() -> None:
 #
 # A multiprocessing child ends through os._exit() after running
 # multiprocessing's own finalizers, so atexit handlers never run there. A
-# finalizer of ours, registered in the child, delivers what it tracked. The
-# child clears the finalizers it inherited when it starts, and then runs
-# its "after fork" callbacks (whatever the start method): one of those
-# registers the finalizer.
+# finalizer of ours, registered in the child, delivers what it tracked. A
+# fork or forkserver child clears the finalizers it inherited when it
+# starts, and then runs its "after fork" callbacks: one of those registers
+# the finalizer. A spawn child runs none; it registers it while it imports
+# the parent's main module, which makes its client. (A spawn child also
+# ends through sys.exit(), so atexit delivers there too.)
 
 _mp_armed = False
 _MP_EXIT_PRIORITY = 100  # before multiprocessing's own, which use 0 to 10
@@ -573,14 +592,50 @@ def _arm_multiprocessing() -> None:
         return  # not imported: this process starts no multiprocessing child
     _mp_armed = True
     util.register_after_fork(_anchor, _register_finalizer)
-    if process.parent_process() is not None:
-        # A client made inside a running child: arm this child now.
+    if process.parent_process() is not None or getattr(
+        process.current_process(), "_inheriting", False
+    ):
+        # A client made inside a running child, or by a spawn child while it
+        # imports the parent's main module (spawn runs no after-fork
+        # callback): arm this child now.
         _register_finalizer(_anchor)
 
 
 def _register_finalizer(_anchor: object) -> None:
     util = sys.modules["multiprocessing.util"]
     util.Finalize(None, _flush_at_exit, exitpriority=_MP_EXIT_PRIORITY)
+    _deliver_on_sigterm()
+
+
+# ``Pool.terminate()``, and so the end of a ``with Pool() as pool:`` block,
+# ends each worker with SIGTERM, which by default kills it before any
+# finalizer runs: what it had queued was lost without a word (issue #23).
+# In a multiprocessing child whose SIGTERM does the default, a handler of
+# ours delivers the queue within ``shutdown_timeout`` and then lets the
+# signal end the process as it would have. A handler the application set
+# is left alone, and no other process gets one.
+
+
+def _deliver_on_sigterm() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set a handler
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        signal.signal(signal.SIGTERM, _deliver_then_die)
+    except (ValueError, OSError):  # pragma: no cover - no signals here
+        return
+
+
+def _deliver_then_die(signum: int, _frame: object) -> None:
+    # A second SIGTERM kills at once.
+    signal.signal(signum, signal.SIG_DFL)
+    # The signal may interrupt the exit flush itself (a pool worker that
+    # got its stop sentinel is delivering in its finalizer when terminate()
+    # sends SIGTERM): that flush goes on, and re-sends the signal when done.
+    _exit_flush["signal"] = signum
+    if not _exit_flush["running"]:
+        _flush_at_exit()
 
 
 atexit.register(_flush_at_exit)
