@@ -364,7 +364,9 @@ class _Core:
             except queue.Empty:
                 break
         leftovers = [item for item in leftovers if not self.ledger.is_handled(item.seq)]
-        kept = {item.seq for item in self.spool(leftovers)}
+        # In the order they were tracked, the one in flight included: the
+        # next run sends them in the spool's order (issue #22).
+        kept = {item.seq for item in self.spool(sorted(leftovers, key=lambda item: item.seq))}
         if kept and self.outbox is not None:
             twice = len(kept & in_flight)
             log.warning(

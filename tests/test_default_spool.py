@@ -130,13 +130,18 @@ def test_the_exit_keeps_its_leftovers_and_the_next_run_sends_them_first(tmp_path
         assert elapsed < 20
         assert collector.events == []
         collector.reset()  # the faults go
-        run_script(collector, state, "two", options="flush_interval=600, max_delay=600")
-        collector.wait_for(5)
-        runs = [e["pr"]["run"] for e in collector.events]
-        assert sorted(e["pr"]["i"] for e in collector.events if e["pr"]["run"] == "two") == list(
-            range(5)
+        # max_in_flight=1: one request at a time, so arrival order is send order.
+        second, _ = run_script(
+            collector, state, "two", options="flush_interval=600, max_delay=600, max_in_flight=1"
         )
-        assert set(runs[: runs.count("one")]) <= {"one"}, runs
+        collector.wait_for(10)
+        runs = [(e["pr"]["run"], e["pr"]["i"]) for e in collector.events]
+        # All of both runs, the first run's (spooled, in the order they were
+        # tracked, the one in flight at its exit included) before the second's.
+        assert runs == [("one", i) for i in range(5)] + [("two", i) for i in range(5)], (
+            runs,
+            second.stderr,
+        )
         assert spooled_rows(directory) == 0
 
 
