@@ -50,7 +50,7 @@ def measure(make, takes: int, runs: int) -> float:
 def main() -> None:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
     from produl_server._hostquota import HostQuota
-    from produl_server._schedule import RollingQuota
+    from produl_server._quota import RollingQuota
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--takes", type=int, default=50_000)

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _soak(args: argparse.Namespace, root: Path) -> int:
-    from produl_server._durable import SPOOL_BATCH
+    from produl_server._outbox import SPOOL_BATCH
     from produl_server._redis import spool_key
 
     duration = args.minutes * 60.0

@@ -55,6 +55,8 @@ nitpick_ignore = [
         "contextvars.ContextVar",
         "re.Pattern",
         "django.http.request.HttpRequest",
+        "dramatiq.broker.Broker",
+        "dramatiq.middleware.middleware.Middleware",
         "flask.Flask",
         "flask.app.Flask",
         "flask.wrappers.Request",

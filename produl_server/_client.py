@@ -23,7 +23,9 @@ from typing import Any, Literal
 
 from ._config import BeforeSend, Config, ErrorHook, mask_key, mask_url
 from ._event import PageviewData, encode_event, encode_pageview, encode_wire, pseudonym
+from ._jobs import current_job as _current_job
 from ._ledger import Stats
+from ._wiring import wire
 from ._worker import Worker
 from .exceptions import DeliveryError, InvalidEventError
 
@@ -124,7 +126,7 @@ class Produl:
             ``api_url``.
         before_send: Called on the caller's thread with each valid event
             as a plain dict in the API's words (``t``, ``n``, ``p``, ``u``,
-            ``vi``, ``sk``, ``ti``, ``r``, ``pr``; a fresh copy it may
+            ``vi``, ``sk``, ``ti``, ``r``, ``l``, ``pr``; a fresh copy it may
             change). It returns the dict to send, changed or not, which is
             validated like the arguments of ``track_*``, or ``None`` to drop
             the event (counted as ``before_send``, not an error). If it
@@ -208,12 +210,15 @@ class Produl:
             default_properties=default_properties,
             visitor_id_secret=visitor_id_secret,
         )
-        self._worker = Worker(self._config)
+        self._worker = Worker(self._config, wiring=wire(self._config))
         self._before_send = before_send
         self._defaults = self._config.default_properties
         self._secret = self._config.visitor_id_secret
         self._enabled = enabled = self._config.enabled
         self._raise = raise_on_invalid
+        #: Events lost or set aside as of the last flush() (see _losses).
+        self._losses_seen = 0
+        self._losses_lock = threading.Lock()
         if enabled:
             with _live_lock:
                 _live.add(self._worker)
@@ -245,6 +250,7 @@ class Produl:
         title: str | None = None,
         referrer: str | None = None,
         session_key: str | int | uuid.UUID | None = None,
+        language: str | None = None,
     ) -> None:
         """Queue a server-side pageview.
 
@@ -258,6 +264,8 @@ class Produl:
             title: Page title.
             referrer: Referrer URL.
             session_key: Groups pageviews into a session.
+            language: The visitor's language, a BCP 47 tag such as ``en`` or
+                ``fr-CH`` (at most 35 characters), sent as ``l``.
 
         Raises:
             InvalidEventError: A required field is missing, a value has the
@@ -274,11 +282,12 @@ class Produl:
                 return
             path, visitor_id, url = data.path, data.visitor_id, data.url
             title, referrer, session_key = data.title, data.referrer, data.session_key
+            language = data.language
         try:
             if self._secret is not None:
                 visitor_id = pseudonym("visitor_id", visitor_id, self._secret)
                 session_key = pseudonym("session_key", session_key, self._secret)
-            body = encode_pageview(path, visitor_id, url, title, referrer, session_key)
+            body = encode_pageview(path, visitor_id, url, title, referrer, session_key, language)
         except InvalidEventError as exc:
             self._refuse(exc, {"t": "pv", "p": path, "vi": visitor_id})
             return
@@ -319,11 +328,15 @@ class Produl:
                 argument or key path (unless ``raise_on_invalid=False``).
                 Nothing is queued.
         """
-        if self._defaults is not None:
+        base = self._defaults
+        job = _current_job()
+        if job is not None:  # inside a task-queue job: its queue and name
+            base = dict(job) if base is None else {**base, **job}
+        if base is not None:
             if properties is None:
-                properties = self._defaults
+                properties = base
             elif isinstance(properties, Mapping):
-                properties = {**self._defaults, **properties}
+                properties = {**base, **properties}
         try:
             if self._secret is not None:
                 visitor_id = pseudonym("visitor_id", visitor_id, self._secret)
@@ -389,11 +402,24 @@ class Produl:
                 negative number counts as 0); ``None`` waits until done.
 
         Returns:
-            True when every event queued before the call was delivered or
-            definitively handled (a refused event is dropped and reported);
-            False when the timeout ran out first.
+            True when every event queued before the call was delivered, and
+            no event was dropped or spooled since the previous ``flush()``
+            returned (or since the client was made). False when the timeout
+            ran out first, or when any event was dropped (a wrong key, a
+            refused event, retries given up, a full queue) or spooled
+            meanwhile: :attr:`stats` says which. An event that
+            ``before_send`` dropped on purpose does not count.
         """
-        return self._worker.flush(timeout)
+        done = self._worker.flush(timeout)
+        losses = self._losses()
+        with self._losses_lock:
+            clean = losses == self._losses_seen
+            self._losses_seen = losses
+        return done and clean
+
+    def _losses(self) -> int:
+        stats = self._worker.stats()
+        return stats.spooled + stats.dropped_total - stats.dropped.get("before_send", 0)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Deliver what is queued (within *timeout*), then stop the sender.
@@ -510,6 +536,11 @@ def _report_hook_failure(exc: Exception) -> None:
     )
 
 
+def worker_of(client: Produl) -> Worker:
+    """The worker behind *client*, for the CLI's ``drain`` (not public API)."""
+    return client._worker
+
+
 def _visitor_key(visitor_id: object) -> str | None:
     """The visitor as the sender orders its events: the wire's string."""
     if visitor_id is None or type(visitor_id) is str:
@@ -541,7 +572,7 @@ def _flush_live() -> None:
         return
     # One budget for the whole process, not one per client: the largest
     # configured shutdown_timeout, started once.
-    deadline = time.monotonic() + max(w._config.shutdown_timeout for w in workers)
+    deadline = time.monotonic() + max(w.shutdown_timeout for w in workers)
     for worker in workers:
         worker.begin_close(deadline)
     for worker in workers:

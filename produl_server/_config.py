@@ -347,6 +347,21 @@ def default_spool_path(environ: Mapping[str, str] = os.environ) -> str | None:
     return os.path.join(state, "produl-server", "spool")
 
 
+def _spool_options(options: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """``spool_dir`` from ``PRODUL_SPOOL_DIR`` (``off``: no spool), else the default spool.
+
+    With no spool asked for, nor turned off, the exit keeps its leftovers in
+    the user's default spool (issue #22); a fleet (``redis_url``, already
+    read) spools in Redis instead.
+    """
+    spool = options.get("spool_dir")
+    if spool is None and environ.get(SPOOL_ENV):
+        text = environ[SPOOL_ENV]
+        spool = options["spool_dir"] = False if text.strip().lower() in _FALSE_WORDS else text
+    if spool is None and options.get("redis_url") is None:
+        options.setdefault("default_spool_dir", default_spool_path(environ))
+
+
 def _default_properties(value: Any) -> dict[str, Any] | None:
     """Validate and snapshot ``default_properties`` once, as ``track_event`` would."""
     from ._event import clean_properties  # noqa: PLC0415 -- _event imports nothing of ours back
@@ -575,11 +590,6 @@ class Config:
             server_key = environ.get(KEY_ENV, "")
         if api_url is None:
             api_url = environ.get(URL_ENV) or DEFAULT_API_URL
-        spool = options.get("spool_dir")
-        if spool is None and environ.get(SPOOL_ENV):
-            text = environ[SPOOL_ENV]
-            spool = False if text.strip().lower() in _FALSE_WORDS else text
-            options["spool_dir"] = spool
         for option, name in (
             ("quota_dir", QUOTA_DIR_ENV),
             ("redis_url", REDIS_ENV),
@@ -587,10 +597,7 @@ class Config:
         ):
             if options.get(option) is None and environ.get(name):
                 options[option] = environ[name]
-        if spool is None and options.get("redis_url") is None:
-            # No spool asked for, nor turned off: the exit keeps its leftovers
-            # in the user's default spool (issue #22). A fleet spools in Redis.
-            options.setdefault("default_spool_dir", default_spool_path(environ))
+        _spool_options(options, environ)
         if options.get("visitor_id_secret") is None and environ.get(VISITOR_SECRET_ENV):
             options["visitor_id_secret"] = environ[VISITOR_SECRET_ENV]
         if options.get("enabled") is None:

@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from ._signals import leave_signals_to_others
+
 __all__ = ["Deadlines", "Watch"]
 
 
@@ -67,6 +69,7 @@ class Deadlines:
             self._watches.discard(watch)
 
     def _run(self) -> None:
+        leave_signals_to_others()
         pid = os.getpid()
         while True:
             with self._lock:

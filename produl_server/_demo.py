@@ -1,16 +1,19 @@
 """``produl-server demo``: the SDK against an embedded collector, narrated.
 
-No account, no network: a :class:`~produl_server.testing.LocalCollector`
-on a free loopback port stands in for Produl, and the real client sends to it.
+No account, no network: the local collector's server
+(:class:`~produl_server.collector.CollectorServer`, in memory) on a free
+loopback port stands in for Produl, and the real client sends to it. The
+demo uses the collector itself, not the test helpers of
+:mod:`produl_server.testing`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
-from produl_server.collector import describe
-from produl_server.testing import LocalCollector
+from produl_server.collector import CollectorServer, Fault, MemoryStore, describe
 
 #: A tiny pause the demo's 429 episode asks the client to wait, in seconds.
 _RETRY_AFTER = 1.0
@@ -18,10 +21,21 @@ _BURST = 25
 _FLUSH_TIMEOUT = 30.0
 
 
+def _events(collector: CollectorServer) -> list[dict[str, Any]]:
+    """The accepted events, oldest first."""
+    return [stored.event for stored in reversed(collector.store.query())]
+
+
+def _wait_for(collector: CollectorServer, count: int, timeout: float) -> None:
+    """Wait (at most *timeout*) until *count* events were accepted."""
+    with collector.changed:
+        collector.changed.wait_for(lambda: collector.store.count() >= count, timeout)
+
+
 class _Narrator:
     """Prints what reached the collector since the last call, with the answer."""
 
-    def __init__(self, collector: LocalCollector, out: Callable[[str], None]) -> None:
+    def __init__(self, collector: CollectorServer, out: Callable[[str], None]) -> None:
         self.collector = collector
         self.out = out
         self.shown = 0
@@ -59,7 +73,11 @@ def run_demo(out: Callable[[str], None]) -> int:
     """
     from produl_server import Produl  # noqa: PLC0415 -- cli imports this lazily
 
-    with LocalCollector(server_key="sk_demo_" + "0" * 24) as collector:
+    collector = CollectorServer(
+        store=MemoryStore(), server_key="sk_demo_" + "0" * 24, record_requests=True
+    )
+    collector.start()
+    try:
         say = _Narrator(collector, out)
         out(f"Started a local collector at {collector.url} (in memory).")
         out("The SDK sends to it exactly as it would to https://app.produl.tech.\n")
@@ -70,7 +88,10 @@ def run_demo(out: Callable[[str], None]) -> int:
         )
         try:
             out("1. Two server-side pageviews for one visitor and session:")
-            produl.track_pageview(path="/pricing", visitor_id="cus_demo", session_key="s1")
+            out("   (the middleware fills in the language from Accept-Language, as here)")
+            produl.track_pageview(
+                path="/pricing", visitor_id="cus_demo", session_key="s1", language="en-GB"
+            )
             produl.track_pageview(
                 path="/checkout", visitor_id="cus_demo", session_key="s1", title="Checkout"
             )
@@ -90,21 +111,24 @@ def run_demo(out: Callable[[str], None]) -> int:
             for row in range(_BURST):
                 produl.track_event("row_synced", {"row": row}, visitor_id="job_nightly")
             before = 3
-            collector.wait_for(before + 20, timeout=_FLUSH_TIMEOUT)
+            _wait_for(collector, before + 20, _FLUSH_TIMEOUT)
             out("    the queue reached 10 twice, so 20 went out on their own;")
             produl.flush(_FLUSH_TIMEOUT)
-            out(f"    flush() sent the rest: {len(collector.events) - before} of {_BURST} arrived")
+            arrived = len(_events(collector)) - before
+            out(f"    flush() sent the rest: {arrived} of {_BURST} arrived")
             say.arrivals(summary_only=True)
 
             out("\n4. The collector says 429 (rate limited) three times:")
-            collector.fail_next(3, 429, retry_after=_RETRY_AFTER)
+            collector.faults.add(Fault(429, _RETRY_AFTER), 3)
             produl.track_event("payment_failed", {"attempt": 1}, visitor_id="cus_demo")
             produl.flush(_FLUSH_TIMEOUT)
             say.arrivals()
             stats = produl.stats
         finally:
             produl.shutdown(timeout=5.0)
-        events = collector.events
+        events = _events(collector)
+    finally:
+        collector.stop()
 
     expected = 2 + 1 + _BURST + 1
     counts: dict[str, int] = {}
@@ -121,7 +145,8 @@ def run_demo(out: Callable[[str], None]) -> int:
     )
     if len(events) == expected and dropped == 0:
         out(f"\nAll {expected} events arrived, none lost.")
-        out("Next: run `produl-server collector` and watch events live in your browser.")
+        out("Next: run `produl-server collector` and watch events live in your browser;")
+        out("where your app runs, `produl-server doctor` checks it can deliver.")
         return 0
     out(f"\nExpected {expected} events, the collector has {len(events)}.")
     return 1

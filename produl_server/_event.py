@@ -27,6 +27,7 @@ from ._protocol import (
     EVENT,
     MAX_BODY,
     MAX_ID,
+    MAX_LANGUAGE,
     MAX_NAME,
     MAX_PATH,
     MAX_TITLE,
@@ -85,6 +86,7 @@ class PageviewData:
         title: Page title.
         referrer: Referrer URL.
         session_key: Groups pageviews into a session.
+        language: The visitor's language, a tag such as ``fr-CH``.
     """
 
     path: str
@@ -93,6 +95,7 @@ class PageviewData:
     title: str | None = None
     referrer: str | None = None
     session_key: str | int | uuid.UUID | None = None
+    language: str | None = None
 
 
 class _PathError(Exception):
@@ -137,6 +140,25 @@ def _ident(field: str, value: object) -> str:
             raise InvalidEventError(field, _raised_reading(exc)) from exc
         return _string(field, text, 1, MAX_ID)
     return _string(field, value, 1, MAX_ID)
+
+
+# A language tag as BCP 47 spells one: letters, then subtags of letters
+# and digits joined by hyphens, each subtag at most 8 characters long.
+_LANGUAGE = re.compile(r"[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*")
+
+
+def _language(value: object) -> str:
+    language = _string("language", value, 1, MAX_LANGUAGE)
+    if not _LANGUAGE.fullmatch(language):
+        raise InvalidEventError(
+            "language", f"must be a language tag such as 'en' or 'fr-CH', got {language[:40]!r}"
+        )
+    return language
+
+
+def is_language_tag(value: str) -> bool:
+    """Whether *value* would be accepted as a pageview's ``language``."""
+    return len(value) <= MAX_LANGUAGE and _LANGUAGE.fullmatch(value) is not None
 
 
 def _path(value: object) -> str:
@@ -459,6 +481,7 @@ def encode_pageview(
     title: object,
     referrer: object,
     session_key: object,
+    language: object = None,
 ) -> bytes:
     """Validate a pageview and encode it as one request body.
 
@@ -482,10 +505,12 @@ def encode_pageview(
         wire["ti"] = _string("title", title, 0, MAX_TITLE)
     if referrer is not None:
         wire["r"] = _string("referrer", referrer, 0, MAX_URL)
+    if language is not None:
+        wire["l"] = _language(language)
     return _finish(wire)
 
 
-_PAGEVIEW_KEYS = frozenset(("t", "p", "u", "vi", "sk", "ti", "r"))
+_PAGEVIEW_KEYS = frozenset(("t", "p", "u", "vi", "sk", "ti", "r", "l"))
 _EVENT_KEYS = frozenset(("t", "n", "p", "u", "vi", "sk", "pr"))
 
 
@@ -514,5 +539,7 @@ def encode_wire(wire: object) -> bytes:
         )
     get = wire.get
     if kind == PAGEVIEW:
-        return encode_pageview(get("p"), get("vi"), get("u"), get("ti"), get("r"), get("sk"))
+        return encode_pageview(
+            get("p"), get("vi"), get("u"), get("ti"), get("r"), get("sk"), get("l")
+        )
     return encode_event(get("n"), get("pr"), get("vi"), get("p"), get("u"), get("sk"))

@@ -1,7 +1,7 @@
 """One request quota shared by every process of the host.
 
 Produl's API allows a number of requests per minute per IP. Each process
-paces itself with a :class:`~._schedule.RollingQuota`, but eight gunicorn or
+paces itself with a :class:`~._quota.RollingQuota`, but eight gunicorn or
 Celery workers on one host would then send eight times the quota. A
 :class:`HostQuota` answers the same questions (``take``, ``wait``,
 ``used``) from a small file that all the processes of one user share.
@@ -55,7 +55,7 @@ Locking
 Fallbacks
     Without ``fcntl`` (Windows), or when the directory or the file cannot be
     made or used (read-only, full, refused), the quota is an in-process
-    :class:`~._schedule.RollingQuota` and one warning on the
+    :class:`~._quota.RollingQuota` and one warning on the
     ``produl_server`` logger says where and why. :attr:`HostQuota.shared`
     tells which it is.
 
@@ -80,9 +80,10 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 from ._private import RefusedError, check_private_dir
-from ._schedule import QUOTA_WINDOW, RollingQuota
+from ._quota import QUOTA_WINDOW, RollingQuota
 
 try:
     import fcntl
@@ -93,7 +94,7 @@ else:
 
 log = logging.getLogger("produl_server")
 
-__all__ = ["HostQuota"]
+__all__ = ["HostQuota", "HostWideQuota"]
 
 _MAGIC = b"PRDLHQ\x00\x01"
 _VERSION = 1
@@ -460,3 +461,46 @@ class HostQuota:
         kept = mapping.entries()
         mapping.format(self.limit, kept)
         return mapping, self.limit, 0, len(kept)
+
+
+class HostWideQuota:
+    """A :class:`HostQuota` as the schedule calls it, with the sender's clock.
+
+    Processes compare their request times in the shared file, so they need a
+    clock they share: the wall clock, not each process's monotonic one. The
+    ``now`` the sender passes (its monotonic clock) is placed on the wall
+    clock by the two clocks' offset, read anew at each call: with the real
+    clock that is ``time.time()``; with a test's fake clock, the quota moves
+    as that clock moves.
+
+    Args:
+        host: The shared window.
+        wall: The wall clock. mono: the monotonic clock the sender's ``now``
+            is read from. Both for tests.
+    """
+
+    kind = "host"
+
+    def __init__(
+        self,
+        host: HostQuota,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host = host
+        self._wall = wall
+        self._mono = mono
+
+    def take(self, now: float) -> float:
+        return self.host.take(now + (self._wall() - self._mono()))
+
+    @property
+    def used(self) -> int:
+        return self.host.used
+
+    @property
+    def shared(self) -> bool:
+        return self.host.shared
+
+    def after_fork_in_child(self) -> None:
+        self.host.after_fork_in_child()

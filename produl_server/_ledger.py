@@ -60,6 +60,12 @@ class Stats:
         quarantined: Spooled events this client found it could not send
             as they are (a damaged row or stream entry) and moved to the
             spool's quarantine, where they stay for a person to look at.
+        backlog: Events in the spool (this client's key and URL, whoever
+            spooled them), as last counted: each time this client takes
+            events from it, and at the end when it took some or spooled
+            some. Those still there at the end wait for the next client that
+            opens the spool, or for ``produl-server drain``. 0 without a
+            spool, or when this client never looked at a backlog.
     """
 
     queued: int
@@ -71,6 +77,7 @@ class Stats:
     quota: str = "memory"
     quota_used: int = 0
     quarantined: int = 0
+    backlog: int = 0
 
     @property
     def dropped_total(self) -> int:

@@ -25,6 +25,8 @@ MAX_PATH: Final = 2048
 MAX_URL: Final = 8192
 MAX_ID: Final = 256
 MAX_TITLE: Final = 2048
+#: The longest language tag (``l``) accepted: the longest BCP 47 tag in common use.
+MAX_LANGUAGE: Final = 35
 MAX_BODY: Final = 64 * 1024
 
 PAGEVIEW: Final = "pv"
@@ -40,10 +42,12 @@ WIRE_KEYS: Final = {
     "sk": "session_key",
     "ti": "title",
     "r": "referrer",
+    "l": "language",
     "pr": "properties",
 }
 
 #: Browser-only keys the collector tolerates (the browser tracker sends them).
+#: ``l`` is also sent by the framework middleware, for pageviews.
 BROWSER_KEYS: Final = frozenset({"d", "sd", "sw", "sh", "l", "k"})
 
 #: (wire key, maximum length, minimum length) for every string field.

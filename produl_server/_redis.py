@@ -6,7 +6,7 @@ cannot pace them together, and a pod's spool directory dies with the pod.
 With ``redis_url`` both live in Redis instead:
 
 - **The quota**: a sorted set per ``api_url`` (or per ``quota_key``) holds
-  the requests of the last :data:`~._schedule.QUOTA_WINDOW` seconds, stamped
+  the requests of the last :data:`~._quota.QUOTA_WINDOW` seconds, stamped
   with Redis's own clock (``TIME``), so the fleet's machines need no shared
   clock. One Lua script trims the window, counts it and takes a slot,
   atomically: at most N requests in any rolling window, fleet-wide.
@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._config import Config, key_fingerprint, mask_url
 from ._deadlines import Deadlines
-from ._durable import SPOOL_BATCH, Outbox, lease_from_env
-from ._schedule import QUOTA_WINDOW, Quota
+from ._outbox import SPOOL_BATCH, SqliteOutbox, lease_from_env
+from ._quota import QUOTA_WINDOW, Quota
 from ._spool import Census, SpooledEvent
 from .exceptions import ConfigurationError
 
@@ -264,6 +264,13 @@ class FleetQuota:
         return "redis" if self.link.answered_last else self.fallback.kind
 
     def take(self, now: float) -> float:
+        """0 and one slot of the fleet's window, or the seconds to wait.
+
+        Args:
+            now: The sender's clock. The fleet's machines share no clock, so
+                Redis stamps the window with its own (``TIME``); *now* paces
+                only the fallback, while Redis does not answer.
+        """
         try:
             wait_ms, used = self.link.call(
                 lambda client: self._script(
@@ -486,7 +493,7 @@ class FleetOutbox:
     #: Spools in an outage and for a full queue too (see ``Outbox``).
     exit_only = False
 
-    def __init__(self, link: RedisLink, spool: RedisSpool, local: Outbox | None) -> None:
+    def __init__(self, link: RedisLink, spool: RedisSpool, local: SqliteOutbox | None) -> None:
         self.link = link
         self.spool = spool
         self.local = local
@@ -563,6 +570,10 @@ class FleetOutbox:
             remote = 0
         return remote + (0 if self.local is None else self.local.count())
 
+    def worth_a_look(self) -> bool:
+        """Yes, without asking: only the sender talks to Redis."""
+        return True
+
     def problem(self) -> str | None:
         """Why the spool's contents cannot be told now (Redis is down), or None."""
         return None if self.link.answered_last else f"{self.link.where} does not answer"
@@ -600,7 +611,9 @@ class FleetOutbox:
             self.local.close()
 
 
-def open_fleet(config: Config, quota: Quota, local: Outbox | None) -> tuple[Quota, FleetOutbox]:
+def open_fleet(
+    config: Config, quota: Quota, local: SqliteOutbox | None
+) -> tuple[Quota, FleetOutbox]:
     """The quota and the spool of a client with ``redis_url``.
 
     Args:
@@ -619,49 +632,3 @@ def open_fleet(config: Config, quota: Quota, local: Outbox | None) -> tuple[Quot
     if limit is not None and config.shared_quota:
         quota = FleetQuota(link, limit, quota_key(config.api_url, config.quota_key), quota)
     return quota, FleetOutbox(link, spool, local)
-
-
-#: Quota windows the collector's live page lists at most.
-MAX_WINDOWS = 100
-
-
-class FleetView:
-    """What the local collector's live page shows of a fleet's windows in Redis.
-
-    Args:
-        url: The Redis the fleet's clients use as ``redis_url``.
-    """
-
-    def __init__(self, url: str) -> None:
-        self.link = RedisLink(url, "the live page shows no fleet quota")
-
-    def read(self) -> dict[str, Any]:
-        """``{"redis": URL, "windows": [{"key", "used"}], "error": None or text}``.
-
-        ``used`` counts the requests of the last quota window, fleet-wide.
-        """
-        found: dict[str, Any] = {"redis": self.link.where, "windows": [], "error": None}
-        try:
-            found["windows"] = self.link.call(self._windows)
-        except RedisDownError:
-            found["error"] = "Redis does not answer"
-        return found
-
-    def _windows(self, client: redis.Redis) -> list[dict[str, Any]]:
-        keys = []
-        for key in client.scan_iter(match="produl:*:quota", count=100):
-            keys.append(_text(key))
-            if len(keys) >= MAX_WINDOWS:
-                break
-        seconds, micros = client.time()
-        horizon = int(seconds) * 1000 + int(micros) // 1000 - int(QUOTA_WINDOW * 1000)
-        pipe = client.pipeline(transaction=False)
-        for key in keys:
-            pipe.zcount(key, f"({horizon}", "+inf")
-        counts = pipe.execute() if keys else []
-        return [
-            {"key": key, "used": int(used)} for key, used in sorted(zip(keys, counts, strict=True))
-        ]
-
-    def close(self) -> None:
-        self.link.close()

@@ -8,26 +8,21 @@ the answers, so every rule is tested in microseconds.
 - :class:`Batching`: a batch is due at ``flush_at`` queued events, or
   ``flush_interval`` after the last enqueue, capped at ``max_delay`` after
   the first.
-- :class:`RollingQuota`: at most N requests in any rolling window (the
-  API's "2,000 requests per minute per IP"). A burst of up to N goes out at
-  once; request N+1 waits until the oldest one leaves the window.
-- :class:`Schedule`: the above, plus the backoff (exponential, full jitter,
-  ``Retry-After`` first) and the outage clock behind ``max_retry_time``.
+- :class:`Schedule`: the triggers, the quota (:mod:`._quota`), the
+  backoff (exponential, full jitter, ``Retry-After`` first) and the outage
+  clock behind ``max_retry_time``.
 """
 
 from __future__ import annotations
 
-import collections
 import enum
 import random
 from collections.abc import Callable
-from typing import Protocol
 
 from ._config import Config
+from ._quota import Quota, RollingQuota
 
-#: The quota window, with a margin for the request's trip to the collector:
-#: a request sent just inside our window may arrive just outside the API's.
-QUOTA_WINDOW = 61.0
+__all__ = ["Batching", "Schedule", "Verdict"]
 
 
 class Batching:
@@ -53,57 +48,6 @@ class Batching:
             return None
         due_at = min(last_at + self.flush_interval, first_at + self.max_delay)
         return max(0.0, due_at - now)
-
-
-class RollingQuota:
-    """At most *limit* requests in any rolling *window* seconds."""
-
-    #: What ``stats.quota`` shows: this process's own window.
-    kind = "memory"
-
-    def __init__(self, limit: int | None, window: float = QUOTA_WINDOW) -> None:
-        self.limit = limit
-        self.window = window
-        self._sent: collections.deque[float] = collections.deque()
-
-    def wait(self, now: float) -> float:
-        """Seconds until one more request fits (0: it fits now)."""
-        if self.limit is None:
-            return 0.0
-        sent = self._sent
-        horizon = now - self.window
-        while sent and sent[0] <= horizon:
-            sent.popleft()
-        if len(sent) < self.limit:
-            return 0.0
-        return sent[0] - horizon
-
-    def take(self, now: float) -> float:
-        """Use one request of the quota if it fits; else the seconds to wait."""
-        wait = self.wait(now)
-        if not wait and self.limit is not None:
-            self._sent.append(now)
-        return wait
-
-    @property
-    def used(self) -> int:
-        """Requests counted in the window (as of the last call)."""
-        return len(self._sent)
-
-
-class Quota(Protocol):
-    """What the schedule needs of a quota: this one, the host's, or a fleet's in Redis."""
-
-    @property
-    def kind(self) -> str:
-        """``memory``, ``host`` or ``redis``: where the window is kept."""
-
-    def take(self, now: float) -> float:
-        """0 and one request used, or the seconds to wait first."""
-
-    @property
-    def used(self) -> int:
-        """Requests counted in the window."""
 
 
 class Verdict(enum.Enum):

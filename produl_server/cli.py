@@ -27,6 +27,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from produl_server._client import worker_of
 from produl_server._config import MAX_SECONDS, is_loopback, mask_key, mask_url
 from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
 from produl_server._version import __version__
@@ -138,16 +139,36 @@ def _collector_server(args: argparse.Namespace, store: SqliteStore, key: str) ->
             allowed_hosts=args.allow_host,
             on_event=show,
             redis_url=args.redis,
+            strict=args.strict,
         )
     except ConfigurationError as exc:
         raise CommandError(str(exc)) from None
+
+
+def _banner(
+    server: CollectorServer, args: argparse.Namespace, stored: int, new_key: str | None
+) -> None:
+    """What ``collector`` prints once it listens; ``new_key`` is a key it generated."""
+    _out(f"Produl local collector listening on {server.url}")
+    _out(f"  live page:  {server.page_url}")
+    _out(f"  events in:  {os.path.abspath(args.db)} ({stored} stored)")
+    if args.strict:
+        _out("  strict:     events without u, p, vi or sk are refused with 400")
+    _out("Point the SDK at it with:")
+    _out(f"  PRODUL_API_URL={server.url}")
+    if new_key is not None:
+        # Printing the generated key once is this command's purpose.
+        _out(f"  PRODUL_SERVER_KEY={new_key}")
+    else:
+        _out(f"  PRODUL_SERVER_KEY=<the key you passed, {mask_key(server.server_key)}>")
+    _out("Press Ctrl-C to stop.")
 
 
 #: How often ``collector``'s main thread wakes to run a pending signal handler.
 _SIGNAL_CHECK_SECONDS = 0.2
 
 
-def cmd_collector(args: argparse.Namespace) -> int:
+def cmd_collector(args: argparse.Namespace) -> int:  # noqa: C901 - a flat list of options
     """Run a collector until Ctrl-C or SIGTERM.
 
     Args:
@@ -182,17 +203,7 @@ def cmd_collector(args: argparse.Namespace) -> int:
                 f"warning: listening on {args.host}, reachable from other machines; "
                 "the collector is meant for local development"
             )
-        _out(f"Produl local collector listening on {server.url}")
-        _out(f"  live page:  {server.page_url}")
-        _out(f"  events in:  {os.path.abspath(args.db)} ({store.count()} stored)")
-        _out("Point the SDK at it with:")
-        _out(f"  PRODUL_API_URL={server.url}")
-        if generated:
-            # Printing the generated key once is this command's purpose.
-            _out(f"  PRODUL_SERVER_KEY={key}")
-        else:
-            _out(f"  PRODUL_SERVER_KEY=<the key you passed, {mask_key(key)}>")
-        _out("Press Ctrl-C to stop.")
+        _banner(server, args, store.count(), key if generated else None)
         # Until SIGINT or SIGTERM raises KeyboardInterrupt. Not one endless
         # wait: the kernel may hand a process's SIGTERM to a connection
         # thread, and Python runs the handler only when the main thread next
@@ -390,7 +401,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
         )
     except ConfigurationError as exc:
         raise _UsageError(str(exc)) from None
-    worker = client._worker
+    worker = worker_of(client)
     adopted = worker.adopt_unowned() if args.adopt_unowned else 0
     show = _progress if sys.stderr.isatty() else None
     try:
@@ -521,6 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a fleet's quota windows in this Redis on the live page (the clients' redis_url)",
     )
     col.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse (400) events without u, p, vi or sk, which Produl may drop",
+    )
+    col.add_argument(
         "--allow-host",
         action="append",
         default=[],
@@ -585,10 +601,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("demo", help="a tour against an embedded collector; no account needed")
+    doc = sub.add_parser("doctor", help="check that this machine can deliver events")
+    doc.add_argument("--server-key", help="default: $PRODUL_SERVER_KEY")
+    doc.add_argument("--api-url", help="default: $PRODUL_API_URL or Produl's API")
+    doc.add_argument("--spool", metavar="DIR", help="the spool_dir (default: $PRODUL_SPOOL_DIR)")
+    doc.add_argument("--quota-dir", metavar="DIR", help="default: $PRODUL_QUOTA_DIR")
+    doc.add_argument("--redis", metavar="URL", help="the redis_url (default: $PRODUL_REDIS_URL)")
+    doc.add_argument("--timeout", type=_seconds, default=5.0, help="seconds per check (default 5)")
+    doc.add_argument("--send-test-event", action="store_true", help="send one event to try the key")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 - one branch per error kind
     """Run ``produl-server``.
 
     Args:
@@ -617,6 +641,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_events(args)
         if args.command == "drain":
             return cmd_drain(args)
+        if args.command == "doctor":
+            from produl_server._doctor import run_from_args  # noqa: PLC0415
+
+            return run_from_args(args, _out)
         if args.command == "demo":
             from produl_server._demo import run_demo  # noqa: PLC0415
 

@@ -71,6 +71,10 @@ class LocalCollector:
             ``None`` keeps them in memory.
         redis_url: A Redis whose fleet quota windows ``/api/pace`` and the
             live page show (the clients' ``redis_url``).
+        strict: Refuse with ``400`` an event that lacks a field the API
+            reference marks required (``u``, ``p``, ``vi``, ``sk``), as
+            ``produl-server collector --strict`` does; the SDK then drops
+            and reports it like any ``400``.
 
     Raises:
         ValueError: For an unknown ``rate_limit_mode`` or a window that is
@@ -90,6 +94,7 @@ class LocalCollector:
         send_retry_after: bool = True,
         db_path: str | os.PathLike[str] | None = None,
         redis_url: str | None = None,
+        strict: bool = False,
     ) -> None:
         self.db_path = os.fspath(db_path) if db_path is not None else None
         self._server = CollectorServer(
@@ -104,6 +109,7 @@ class LocalCollector:
             send_retry_after=send_retry_after,
             record_requests=True,
             redis_url=redis_url,
+            strict=strict,
         )
         self._store_open = self.db_path is None
 

@@ -91,7 +91,7 @@ def test_a_raising_hook_drops_the_event_logs_once_per_cause_and_reports(
         for _ in range(3):
             produl.track_event("key", {"a": 1}, visitor_id="u1")  # never raises here
             produl.track_event("rt", visitor_id="u1")
-    assert produl.flush(timeout=10)
+    assert produl.flush(timeout=10) is False  # events were lost since the last flush
     assert produl_collector.events == []  # fails closed: nothing unfiltered is sent
     assert produl.stats.dropped == {"before_send_error": 6}
     assert [error.reason for error in errors] == ["before_send_error"] * 6
@@ -102,3 +102,26 @@ def test_a_raising_hook_drops_the_event_logs_once_per_cause_and_reports(
 def test_before_send_must_be_callable():
     with pytest.raises(ConfigurationError, match="before_send must be callable"):
         Produl("sk_test_1234", before_send="redact")  # type: ignore[arg-type]
+
+
+def test_before_send_sees_the_language_and_its_change_is_validated(produl_collector, make_client):
+    seen = []
+
+    def coarse(event):
+        seen.append(dict(event))
+        if "l" in event:
+            event["l"] = event["l"].split("-")[0]  # keep the language, not the region
+        return event
+
+    produl = make_client(before_send=coarse)
+    produl.track_pageview(path="/a", visitor_id="u1", language="fr-CH")
+    assert seen[0]["l"] == "fr-CH"
+    with pytest.raises(InvalidEventError, match="language"):
+        make_client(before_send=lambda event: {**event, "l": "fr_CH"}).track_pageview(
+            path="/a", visitor_id="u1"
+        )
+    with pytest.raises(InvalidEventError, match=r"cannot carry: l"):
+        make_client(before_send=lambda event: {**event, "l": "fr"}).track_event("e")
+    assert produl.flush(timeout=10)
+    (pageview,) = produl_collector.events
+    assert pageview["l"] == "fr"

@@ -240,7 +240,7 @@ def test_credentials_in_the_api_url_are_one_line_without_the_password(env: dict[
 def test_help_and_version() -> None:
     result = run("--help")
     assert result.returncode == 0
-    for command in ("collector", "event", "pageview", "events", "demo"):
+    for command in ("collector", "event", "pageview", "events", "demo", "doctor"):
         assert command in result.stdout
     assert run("--version").stdout.startswith("produl-server ")
 
@@ -250,6 +250,7 @@ def test_demo_runs_offline_and_loses_nothing() -> None:
     assert result.returncode == 0, result
     assert "invoice_paid" in result.stdout
     assert "<- 429" in result.stdout
+    assert "session=s1 lang=en-GB" in result.stdout
     assert "All 29 events arrived, none lost." in result.stdout
     assert "dropped=0" in result.stdout
     assert "Traceback" not in result.stderr

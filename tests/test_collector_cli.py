@@ -362,3 +362,34 @@ def test_sigterm_ends_the_process_soon_after_stopped(tmp_path: pathlib.Path) -> 
             sock.close()
         collector.stop()
     assert collector.proc.returncode == 0
+
+
+# -- issue #20 item 7: --strict -------------------------------------------------------
+
+
+def test_strict_refuses_events_without_a_required_field_naming_it(
+    tmp_path: pathlib.Path, http: urllib3.PoolManager
+) -> None:
+    command = produl_server(
+        "collector", "--port", "0", "--db", str(tmp_path / "e.db"), "--server-key", KEY, "--strict"
+    )
+    collector = Running(command)
+    try:
+        assert any("strict:" in line for line in collector.seen)
+        complete = {"t": "pv", "p": "/a", "u": "https://server/a", "vi": "u1", "sk": "s1"}
+        assert post(http, collector.url, complete) == 204
+        no_session = {"t": "pv", "p": "/a", "u": "https://server/a", "vi": "u1"}
+        body = json.dumps(no_session).encode()
+        answer = http.request(
+            "POST", collector.url + "/api/collect", body=body, headers={KEY_HEADER: KEY}
+        )
+        assert answer.status == 400
+        error = json.loads(answer.data)
+        assert (error["error"], error["field"]) == ("missing_field", "sk")
+        assert "sk" in error["message"]
+        assert "--strict" in error["message"]
+        listed = http.request("GET", collector.url + "/api/events", headers={KEY_HEADER: KEY})
+        assert json.loads(listed.data)["total"] == 1  # the refused one was not stored
+    finally:
+        status, _, stderr = collector.stop()
+    assert status == 0, stderr

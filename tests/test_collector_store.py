@@ -172,3 +172,29 @@ def test_rate_limiter_retry_after_is_whole_seconds() -> None:
     assert limiter.acquire("ip") == 1
     with pytest.raises(ValueError, match="positive"):
         RateLimiter(0)
+
+
+def test_sqlite_and_memory_stores_flag_the_same_events(tmp_path) -> None:
+    from produl_server.collector import MemoryStore, SqliteStore
+    from produl_server.collector._store import REFERENCE_REQUIRED, Store, missing_required
+
+    events = [
+        {"t": "pv", "p": "/a", "u": "https://s/a", "vi": "v", "sk": "s"},
+        {"t": "pv", "p": "/a", "u": "https://s/a", "vi": "v"},
+        {"t": "ev", "n": "x"},
+        {"t": "ev", "n": "x", "p": "/a", "u": "https://s/a", "vi": "v", "sk": "s", "pr": {"u": 1}},
+    ]
+    for key in REFERENCE_REQUIRED:  # each required key alone is enough to flag
+        complete = dict(events[0])
+        del complete[key]
+        events.append(complete)
+    expected = sum(1 for event in events if missing_required(event))
+    assert expected == 2 + len(REFERENCE_REQUIRED)
+    sqlite = SqliteStore(tmp_path / "e.db")
+    stores: list[Store] = [MemoryStore(), sqlite]
+    for store in stores:
+        for event in events:
+            store.add(event, 0.0)
+        assert store.flagged() == expected
+        assert Store.flagged(store) == expected  # the generic count agrees
+    sqlite.close()

@@ -199,7 +199,8 @@ def test_refused_events_are_dropped_reported_and_do_not_block_the_rest(
     for i in range(3):
         produl.track_event("e", {"i": i}, visitor_id="v")
     with caplog.at_level(logging.WARNING, logger="produl_server"):
-        assert produl.flush(timeout=20)
+        assert produl.flush(timeout=20) is False  # done, but events were dropped
+        assert produl.stats.pending == 0
     assert [e["pr"]["i"] for e in produl_collector.events] == [1, 2]
     assert len(produl_collector.requests) == 3  # never retried
     assert produl.stats.dropped == {reason: 1}
@@ -216,7 +217,8 @@ def test_a_wrong_key_is_reported_loudly_once(produl_collector, make_client, capl
     with caplog.at_level(logging.DEBUG, logger="produl_server"):
         for _ in range(3):
             produl.track_event("e", visitor_id="v")
-        assert produl.flush(timeout=20)
+        assert produl.flush(timeout=20) is False  # done, but events were dropped
+        assert produl.stats.pending == 0
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
     assert "PRODUL_SERVER_KEY" in errors[0].getMessage()
@@ -243,7 +245,8 @@ def test_events_are_given_up_after_max_retry_time(make_client, caplog):
     )
     produl.track_event("e", visitor_id="v")
     with caplog.at_level(logging.WARNING, logger="produl_server"):
-        assert produl.flush(timeout=20)
+        assert produl.flush(timeout=20) is False  # done, but events were dropped
+        assert produl.stats.pending == 0
     assert [e.reason for e in reported] == ["retries_exhausted"]
     assert produl.stats.dropped == {"retries_exhausted": 1}
     assert produl.stats.retried >= 1
@@ -290,7 +293,8 @@ def test_the_sender_survives_a_raising_hook_and_internal_errors(
     produl_collector.fail_next(1, status=400)
     produl.track_event("bad", visitor_id="v")
     with caplog.at_level(logging.ERROR, logger="produl_server"):
-        assert produl.flush(timeout=10)
+        assert produl.flush(timeout=10) is False  # done, but events were dropped
+        assert produl.stats.pending == 0
         (sender,) = sender_threads()
         # Break the transport once from inside the sender thread.
         transport = produl._worker._transport
@@ -363,7 +367,8 @@ def test_a_full_queue_drops_without_blocking_and_warns_once(produl_collector, ma
         assert len(warnings) == 1
     finally:
         produl_collector.release()
-    assert produl.flush(timeout=20)
+    assert produl.flush(timeout=20) is False  # done, but events were dropped
+    assert produl.stats.pending == 0
     assert [e["pr"]["i"] for e in produl_collector.events] == [0, 1, 2, 3, 4]
 
 
@@ -421,7 +426,8 @@ def test_shutdown_is_idempotent_and_later_events_are_reported(produl_collector, 
     assert [e.reason for e in reported] == ["shutdown"]
     assert produl.stats.dropped == {"shutdown": 1}
     assert "shut down" in repr(produl)
-    assert produl.flush(timeout=1) is True
+    assert produl.flush(timeout=1) is False  # done, but events were dropped
+    assert produl.stats.pending == 0
 
 
 def test_shutdown_reports_what_it_could_not_deliver(hung_collector, make_client, caplog):
@@ -501,11 +507,13 @@ def test_in_a_long_outage_later_events_get_one_attempt_each(make_client):
         on_error=lambda e, ev: reported.append(ev["pr"]["i"]),
     )
     produl.track_event("e", {"i": 0}, visitor_id="v")
-    assert produl.flush(timeout=20)  # the first one used up the outage budget
+    assert produl.flush(timeout=20) is False  # the first one used up the outage budget
+    assert produl.stats.pending == 0
     started_attempts = produl.stats.retried
     for i in range(1, 6):
         produl.track_event("e", {"i": i}, visitor_id="v")
-    assert produl.flush(timeout=20)
+    assert produl.flush(timeout=20) is False  # each given up after one attempt
+    assert produl.stats.pending == 0
     assert reported == [0, 1, 2, 3, 4, 5]
     # Each later event was tried once and given up: the outage is old.
     assert produl.stats.retried == started_attempts

@@ -18,8 +18,10 @@ def event(name="invoice_paid", properties=None, visitor_id="cus_1", path=None, u
     return json.loads(encode_event(name, properties, visitor_id, path, url, sk))
 
 
-def pageview(path="/pricing", visitor_id="cus_1", url=None, title=None, referrer=None, sk=None):
-    return json.loads(encode_pageview(path, visitor_id, url, title, referrer, sk))
+def pageview(
+    path="/pricing", visitor_id="cus_1", url=None, title=None, referrer=None, sk=None, language=None
+):
+    return json.loads(encode_pageview(path, visitor_id, url, title, referrer, sk, language))
 
 
 class Color(enum.Enum):
@@ -220,3 +222,30 @@ def test_missing_visitor_warns_once(caplog):
         event(visitor_id=None)
     warnings = [r for r in caplog.records if "without visitor_id" in r.getMessage()]
     assert len(warnings) == 1
+
+
+@pytest.mark.parametrize("language", ["en", "fr-CH", "zh-Hant-TW", "de-DE-1996", "x" * 8])
+def test_pageview_language_is_sent_as_l(language):
+    assert pageview(language=language)["l"] == language
+
+
+@pytest.mark.parametrize(
+    ("language", "fragment"),
+    [
+        ("", "must not be empty"),
+        ("en_US", "language tag"),
+        ("*", "language tag"),
+        ("fr-", "language tag"),
+        ("toolonglanguage", "language tag"),
+        ("en-" + "-".join(["abcd"] * 7), "at most 35"),
+    ],
+)
+def test_an_invalid_language_names_the_field(language, fragment):
+    with pytest.raises(InvalidEventError, match=fragment) as caught:
+        pageview(language=language)
+    assert caught.value.field == "language"
+
+
+def test_a_language_of_the_wrong_type_is_a_type_error():
+    with pytest.raises(InvalidEventTypeError):
+        pageview(language=7)

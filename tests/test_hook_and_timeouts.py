@@ -25,7 +25,8 @@ def test_a_hook_that_raises_a_base_exception_still_settles_the_event(
     produl_collector.fail_next(2, status=400)  # both dropped: rejected
     produl.track_event("e", visitor_id="v1")
     produl.track_event("e", visitor_id="v2")
-    assert produl.flush(timeout=10)
+    assert produl.flush(timeout=10) is False  # done, but events were dropped
+    assert produl.stats.pending == 0
     assert produl.stats.pending == 0
     assert produl.stats.dropped == {"rejected": 2}
     assert [reason for _, reason in calls] == ["rejected", "rejected"]

@@ -26,7 +26,7 @@ import pytest
 import produl_server
 from produl_server import _hostquota
 from produl_server._hostquota import HostQuota
-from produl_server._schedule import RollingQuota
+from produl_server._quota import RollingQuota
 
 WINDOW = 61.0
 #: A wall-clock time for the injected ``now`` values.
@@ -601,3 +601,21 @@ def test_a_forked_child_gets_a_lock_of_its_own(folder: pathlib.Path) -> None:
     out, _ = forker.communicate(timeout=60)
     assert forker.returncode == 0, out
     assert out.split() == ["0", "0", "0.0", "3"]
+
+
+def test_the_host_wide_quota_takes_the_now_it_is_given():
+    # The sender's monotonic now, placed on the wall clock the host's
+    # processes share: a fake clock moves the shared window as it moves.
+    from produl_server._hostquota import HostWideQuota
+
+    seen = []
+
+    class Window:
+        def take(self, now):
+            seen.append(now)
+            return 0.0
+
+    quota = HostWideQuota(Window(), wall=lambda: 5000.0, mono=lambda: 100.0)
+    quota.take(100.0)
+    quota.take(103.5)
+    assert seen == [5000.0, 5003.5]

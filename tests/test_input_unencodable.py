@@ -135,7 +135,8 @@ def test_with_raise_on_invalid_false_they_are_counted_reported_and_the_rest_sent
         produl.track_event("e", {"n": HUGE}, visitor_id="v")
         produl.track_pageview(path="/p", visitor_id="v", title="T\udce9")
         produl.track_event("good", visitor_id="v")
-        assert produl.flush(timeout=10)
+        assert produl.flush(timeout=10) is False  # done, but events were dropped
+        assert produl.stats.pending == 0
     assert [event["n"] for event in produl_collector.wait_for(1)] == ["good"]
     stats = produl.stats
     assert stats.sent == 1

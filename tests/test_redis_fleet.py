@@ -491,3 +491,31 @@ def test_drain_redis_delivers_the_spool_and_exits_0_only_when_it_is_empty(tmp_pa
         assert "the spool is empty" in drained.stdout
         assert sorted(indices(collector).elements()) == list(range(100))
     assert spooled(redis_server) == 0
+
+
+AFTER = """
+    import json
+    from produl_server import Produl
+    produl = Produl(shutdown_timeout=30)
+    produl.track_event("after", {"i": -1}, visitor_id="v")
+    flushed = produl.flush(timeout=30)
+    s = produl.stats
+    print(json.dumps({"flushed": flushed, "sent": s.sent, "pending": s.pending}), flush=True)
+"""
+
+
+def test_a_run_after_an_outage_drains_the_redis_spool_in_its_flush(tmp_path, redis_server):
+    # Issue #19: such a run delivered 100 of the 300 events spooled in Redis.
+    port = free_port()  # the collector is down: nothing listens there yet
+    api_url = f"http://127.0.0.1:{port}"
+    spool_in_redis(tmp_path, "pod-a", api_url, redis_server, 300)
+    with LocalCollector(port=port) as collector:
+        env = pod_env(pod(tmp_path, "pod-b"), api_url, collector.server_key, redis_server.url)
+        proc = start(AFTER, env)
+        try:
+            out, _ = finish(proc)
+        finally:
+            reap(proc)
+        assert stats_of(out)[-1] == {"flushed": True, "sent": 301, "pending": 0}
+        assert sorted(indices(collector).elements()) == [-1, *range(300)]
+    assert spooled(redis_server) == 0

@@ -18,20 +18,20 @@ from support import free_port, wait_until
 
 from produl_server import ConfigurationError, Produl
 from produl_server._config import Config, key_fingerprint
-from produl_server._durable import Outbox
+from produl_server._outbox import SqliteOutbox
+from produl_server._quota import RollingQuota
 from produl_server._redis import (
     RETRY_EVERY,
     FleetOutbox,
     FleetQuota,
-    FleetView,
     RedisLink,
     RedisSpool,
     open_fleet,
     quota_key,
     spool_key,
 )
-from produl_server._schedule import RollingQuota
 from produl_server._spool import Spool
+from produl_server.collector._fleet import FleetView
 from produl_server.testing import LocalCollector
 
 API = "https://app.produl.tech"
@@ -72,7 +72,7 @@ def fleet_outbox(url, api=API, lease=60.0, local=None):
 
 
 def local_outbox(directory):
-    return opened(Outbox(Spool(directory, API)))
+    return opened(SqliteOutbox(Spool(directory, API)))
 
 
 def redis_records(caplog):

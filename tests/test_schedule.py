@@ -8,7 +8,8 @@ import pytest
 
 from produl_server import Config
 from produl_server._ledger import Ledger
-from produl_server._schedule import QUOTA_WINDOW, Batching, RollingQuota, Schedule, Verdict
+from produl_server._quota import QUOTA_WINDOW, RollingQuota
+from produl_server._schedule import Batching, Schedule, Verdict
 from produl_server.collector import RateLimiter
 
 

@@ -25,13 +25,15 @@ def test_the_key_is_in_no_log_line_repr_or_exception(produl_collector, make_clie
         # A wrong key (401), a server error, a refused event, a dead server.
         wrong = make_client(server_key=KEY, on_error=hook)
         wrong.track_event("e", visitor_id="v")
-        assert wrong.flush(timeout=10)
+        assert wrong.flush(timeout=10) is False  # done, but events were dropped
+        assert wrong.stats.pending == 0
         good = make_client(on_error=hook)
         produl_collector.fail_next(1, status=500)
         good.track_event("e", visitor_id="v")
         produl_collector.fail_next(1, status=400)
         good.track_event("e", visitor_id="v")
-        assert good.flush(timeout=10)
+        assert good.flush(timeout=10) is False  # the refused one was dropped
+        assert good.stats.pending == 0
         dead = make_client(
             server_key=KEY,
             api_url=f"http://127.0.0.1:{dead_port}",
@@ -39,7 +41,8 @@ def test_the_key_is_in_no_log_line_repr_or_exception(produl_collector, make_clie
             on_error=hook,
         )
         dead.track_event("e", visitor_id="v")
-        assert dead.flush(timeout=10)
+        assert dead.flush(timeout=10) is False  # given up
+        assert dead.stats.pending == 0
         http = Produl(server_key=KEY, api_url="http://analytics.example.com", enabled=False)
         for bad in ({"api_url": "ftp://x"}, {"flush_at": 0}, {"server_key": KEY + " x"}):
             options = {"server_key": KEY, **bad}

@@ -79,7 +79,8 @@ def test_a_huge_error_message_is_truncated_and_escaped(stub, caplog):
         on_error=lambda error, event: reported.append(error),
     )
     produl.track_event("e", visitor_id="v")
-    assert produl.flush(timeout=30) is True
+    assert produl.flush(timeout=30) is False  # done, but events were dropped
+    assert produl.stats.pending == 0
     produl.shutdown(timeout=1)
     (error,) = reported
     assert error.reason == "rejected"
@@ -100,7 +101,8 @@ def test_a_hook_that_calls_sys_exit_cannot_end_the_sender(produl_collector, make
     produl = make_client(on_error=hook)
     produl_collector.fail_next(1, status=400)
     produl.track_event("refused", visitor_id="v")
-    assert produl.flush(timeout=10)
+    assert produl.flush(timeout=10) is False  # done, but events were dropped
+    assert produl.stats.pending == 0
     for i in range(3):
         produl.track_event("after", {"i": i}, visitor_id="v")
     assert produl.flush(timeout=10)

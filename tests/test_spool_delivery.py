@@ -14,6 +14,7 @@ import textwrap
 import pytest
 
 from produl_server import ConfigurationError, Produl
+from produl_server._client import worker_of
 from produl_server.testing import LocalCollector
 
 pytestmark = pytest.mark.slow
@@ -226,3 +227,68 @@ def closed_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+AFTER = """
+    import time
+    from produl_server import Produl
+    produl = Produl(spool_dir={spool!r}, shutdown_timeout={budget}, max_requests_per_minute={rate},
+                    shared_quota=False)
+    produl.track_event("after", {{"i": -1}}, visitor_id="v")
+    {end}
+    print(produl.stats)
+"""
+
+
+def spooled_in_an_outage(collector, spool, count):
+    collector.fail_next(1_000_000, status=503)
+    result = run_script(TRACK.format(spool=str(spool), budget=0.5, count=count), env_for(collector))
+    assert result.returncode == 0, result.stderr
+    assert f"{count} event(s) not delivered before the shutdown deadline were spooled" in (
+        result.stderr
+    )
+    collector.reset()  # the collector is back
+
+
+@pytest.mark.parametrize("end", ["flush", "exit"])
+def test_a_run_after_an_outage_drains_the_spool_it_finds(tmp_path, end):
+    # Issue #19: such a run delivered 100 of 300 spooled events, and exited
+    # leaving 200 on disk with stats saying pending=0, spooled=0.
+    spool = tmp_path / "spool"
+    with LocalCollector() as collector:
+        spooled_in_an_outage(collector, spool, 300)
+        code = AFTER.format(
+            spool=str(spool),
+            budget=30,
+            rate=None,
+            end='print("flushed", produl.flush(timeout=30))' if end == "flush" else "",
+        )
+        result = run_script(code, env_for(collector))
+        assert result.returncode == 0, result.stderr
+        if end == "flush":
+            assert "flushed True" in result.stdout
+            assert "pending=0," in result.stdout
+        seen = counts(collector)
+        assert set(seen) == {-1, *range(300)}
+        with Produl(server_key=collector.server_key, api_url=collector.url, spool_dir=spool) as p:
+            assert worker_of(p).spool_count() == 0
+
+
+def test_a_backlog_the_quota_holds_back_stays_on_disk_and_stats_say_so(tmp_path):
+    spool = tmp_path / "spool"
+    with LocalCollector() as collector:
+        spooled_in_an_outage(collector, spool, 300)
+        # 60 requests a minute: 60 go at once, and the rest waits for the quota.
+        code = AFTER.format(
+            spool=str(spool),
+            budget=1.0,
+            rate=60,
+            end='print("flushed", produl.flush(timeout=1)); produl.shutdown()',
+        )
+        result = run_script(code, env_for(collector))
+        assert result.returncode == 0, result.stderr
+        assert "flushed False" in result.stdout
+        assert len(collector.events) == 60
+        stats = re.search(r"sent=(\d+),.*pending=(\d+), .*backlog=(\d+)\)", result.stdout)
+        assert stats, result.stdout
+        assert (int(stats[1]), int(stats[2]), int(stats[3])) == (60, 0, 241)

@@ -23,7 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: Makes the slow tier's frameworks unimportable in the child.
 BLOCKER = """
 import sys
-BLOCKED = {"httpx", "fastapi", "uvicorn", "django", "flask", "celery", "gunicorn", "playwright"}
+BLOCKED = {"httpx", "fastapi", "uvicorn", "django", "flask", "celery", "gunicorn", "playwright",
+           "rq", "dramatiq", "huey", "arq"}
 
 class Blocker:
     def find_spec(self, name, path=None, target=None):
@@ -68,6 +69,8 @@ def test_the_slow_tier_skips_missing_frameworks_with_a_reason(tmp_path: pathlib.
     assert "error" not in done.stdout.lower()
     assert "could not import 'httpx'" in done.stdout
     assert "test_asgi_uvicorn.py" in done.stdout
+    for queue in ("dramatiq", "huey", "arq"):
+        assert f"{queue} is not installed (produl-server[{queue}])" in done.stdout
 
 
 def test_the_default_tox_run_needs_only_the_running_python() -> None:

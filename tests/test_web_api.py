@@ -100,7 +100,7 @@ def test_delete_forgets_everything(http: urllib3.PoolManager, filled: LocalColle
 
     assert response.status == 204
     assert filled.events == []
-    assert get_events(http, filled) == {"events": [], "total": 0, "counts": {}}
+    assert get_events(http, filled) == {"events": [], "total": 0, "counts": {}, "flagged": 0}
     assert http.request("DELETE", filled.url + "/api/collect").status == 405
 
 
@@ -188,3 +188,54 @@ def test_api_events_warn_about_fields_the_reference_marks_required(
     listed = get_events(http, produl_collector)["events"]
     warnings = {item["event"].get("n", "pv"): item["warnings"] for item in listed}
     assert warnings == {"pv": [], "signup": ["missing u", "missing p", "missing vi", "missing sk"]}
+
+
+def test_api_events_counts_the_flagged_events(
+    http: urllib3.PoolManager, filled: LocalCollector
+) -> None:
+    # None of EVENTS has u and sk: all four are flagged; a complete one is not.
+    assert get_events(http, filled)["flagged"] == 4
+    complete = {"t": "pv", "p": "/a", "u": "https://server/a", "vi": "u1", "sk": "s1"}
+    response = http.request(
+        "POST",
+        filled.url + "/api/collect",
+        body=json.dumps(complete).encode(),
+        headers={KEY_HEADER: filled.server_key},
+    )
+    assert response.status == 204
+    listed = get_events(http, filled, "?limit=1")
+    assert (listed["flagged"], listed["total"]) == (4, 5)
+
+
+@pytest.mark.parametrize(
+    ("event", "field"),
+    [
+        ({"t": "ev", "n": "signup", "p": "/a", "u": "https://s/a", "vi": "u1"}, "sk"),
+        ({"t": "pv", "p": "/a", "vi": "u1", "sk": "s"}, "u"),
+        ({"t": "ev", "n": "signup", "u": "https://s/a", "vi": "u1", "sk": "s"}, "p"),
+        ({"t": "ev", "n": "signup", "p": "/a", "u": "https://s/a", "sk": "s"}, "vi"),
+    ],
+)
+def test_a_strict_collector_refuses_what_produl_may_drop(
+    http: urllib3.PoolManager,
+    event: dict,
+    field: str,  # type: ignore[type-arg]
+) -> None:
+    with LocalCollector(strict=True) as strict:
+        response = http.request(
+            "POST",
+            strict.url + "/api/collect",
+            body=json.dumps(event).encode(),
+            headers={KEY_HEADER: strict.server_key},
+        )
+        assert response.status == 400
+        assert json.loads(response.data)["field"] == field
+        assert strict.events == []
+        complete = {**event, "p": "/a", "u": "https://s/a", "vi": "u1", "sk": "s"}
+        response = http.request(
+            "POST",
+            strict.url + "/api/collect",
+            body=json.dumps(complete).encode(),
+            headers={KEY_HEADER: strict.server_key},
+        )
+        assert response.status == 204

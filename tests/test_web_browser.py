@@ -349,3 +349,20 @@ def test_keyless_events_are_marked_untrusted(
     marked = page.locator("#events td.untrusted")
     expect(marked).to_have_count(1)
     expect(marked).to_have_text("event · keyless, untrusted")
+
+
+def test_events_produl_may_drop_are_counted_and_marked(page: Any, produl: Produl) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator("#status")).to_contain_text("live")
+    expect(page.locator("#flagged")).to_be_hidden()
+    produl.track_pageview(path="/a", visitor_id="v1", session_key="s1")  # complete
+    produl.track_event("no_session", visitor_id="v1", path="/a")  # lacks sk
+    assert produl.flush(timeout=10)
+    expect(rows(page)).to_have_count(2)
+    expect(page.locator("#flagged")).to_be_visible()
+    expect(page.locator("#flagged")).to_contain_text("1 event without u, p, vi or sk")
+    expect(page.locator("#events tr.warned")).to_have_count(1)
+    expect(page.locator("#events tr.warned")).to_have_attribute(
+        "title", "missing sk (Produl may drop it)"
+    )

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from support import wait_until
 
 from produl_server import Config
 from produl_server._transport import Outcome, Verdict
@@ -192,3 +193,31 @@ def test_no_request_starts_within_two_round_trips_of_the_exit_deadline(tmp_path)
     assert all(deadline - start >= 0.2 for start in starts[1:])
     stats = made.stats()
     assert (stats.sent, stats.spooled, stats.pending) == (4, 16, 0)
+
+
+def test_an_event_tracked_during_a_send_waits_for_its_own_trigger():
+    # flush_interval=0.3: a lone event goes 0.3 s after its enqueue. One
+    # tracked while the previous one is being sent must wait for its own
+    # 0.3 s too, not leave with the request after that one (issue #19).
+    put_at: dict[int, float] = {}
+    sent_at: dict[int, float] = {}
+    holder: list[Worker] = []
+
+    class Tracking(ScriptedTransport):
+        def send(self, body, timeout=None):
+            i = json.loads(body)["pr"]["i"]
+            sent_at[i] = time.monotonic()
+            if i < 3:  # the next one is tracked while this one is sent
+                put_at[i + 1] = time.monotonic()
+                put(holder[0], "v", i + 1)
+            return super().send(body, timeout)
+
+    transport = Tracking()
+    w = worker(transport, flush_interval=0.3)
+    holder.append(w)
+    put_at[0] = time.monotonic()
+    put(w, "v", 0)
+    wait_until(lambda: len(transport.sent) == 4, 30, "four events sent")
+    assert sorted(sent_at) == [0, 1, 2, 3]
+    for i in range(4):
+        assert sent_at[i] - put_at[i] >= 0.3, (i, sent_at[i] - put_at[i])

@@ -18,7 +18,14 @@ from typing import Any
 from produl_server.collector._store import StoredEvent
 
 #: Wire keys shown after the head, in this order, with their labels.
-_SHOWN = (("p", "path"), ("vi", "visitor"), ("sk", "session"), ("ti", "title"), ("r", "ref"))
+_SHOWN = (
+    ("p", "path"),
+    ("vi", "visitor"),
+    ("sk", "session"),
+    ("ti", "title"),
+    ("r", "ref"),
+    ("l", "lang"),
+)
 
 #: C0 controls, DEL, C1 controls, line/paragraph separators, bidirectional
 #: overrides and isolates ("Trojan Source"), and lone surrogates.

@@ -18,7 +18,7 @@ from produl_server.collector import _web
 from produl_server.collector._access import AUTH_HEADER, bearer, same_secret
 from produl_server.collector._format import escape_controls
 from produl_server.collector._record import Headers, RecordedRequest
-from produl_server.collector._store import Query, StoreError
+from produl_server.collector._store import Query, StoreError, missing_required
 from produl_server.collector._validate import ascii_int, check_event, site_id
 
 if TYPE_CHECKING:
@@ -411,9 +411,16 @@ class CollectorHandler(BaseHTTPRequestHandler):
         if not within_limit:
             raise _RefusedError(413, _error("body_too_large", _TOO_LARGE))
         try:
-            return check_event(self._decoded())
+            event = check_event(self._decoded())
         except WireError as exc:
             raise _RefusedError(400, exc.as_body()) from None
+        if self.collector.strict:
+            missing = missing_required(event)
+            if missing:
+                raise _RefusedError(
+                    400, _error("missing_field", _strict_message(missing), missing[0])
+                )
+        return event
 
     def _check_rate(self, limiter: RateLimiter | None) -> None:
         wait = limiter.acquire(self.client_address[0]) if limiter is not None else None
@@ -536,11 +543,22 @@ class CollectorHandler(BaseHTTPRequestHandler):
             "events": [stored.as_json() for stored in store.query(query)],
             "total": store.count(),
             "counts": store.counts(),
+            "flagged": store.flagged(),
         }
         self._reply(200, body)
 
 
 _TOO_LARGE = f"The body is larger than {MAX_BODY} bytes."
+
+
+def _strict_message(missing: list[str]) -> str:
+    names = ", ".join(missing)
+    return (
+        f"The event lacks {names}, which the API reference marks required; Produl may "
+        "drop it even after a 2xx (refused because the collector runs with --strict)."
+    )
+
+
 _MISSING_KEY = (
     f"Send your server key in {KEY_HEADER} (a browser request names its site id in k instead)."
 )

@@ -14,9 +14,9 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
-from produl_server._redis import FleetView
 from produl_server.collector._access import HostCheck
 from produl_server.collector._faults import Faults
+from produl_server.collector._fleet import FleetView
 from produl_server.collector._http import CollectorHandler
 from produl_server.collector._pace import PaceHistory
 from produl_server.collector._ratelimit import DEFAULT_RATE_LIMIT_MODE, DEFAULT_WINDOW, RateLimiter
@@ -171,6 +171,11 @@ class CollectorServer:
             more are closed as soon as they are accepted.
         request_deadline: Seconds a request may take to arrive, from its
             first byte to its body's last; a slower one is cut.
+        strict: Refuse with ``400`` (error ``missing_field``, ``field`` the
+            first one missing) an event that lacks ``u``, ``p``, ``vi`` or
+            ``sk``, which the API reference marks required and Produl may
+            drop even after a ``2xx``. Off by default: such events are
+            stored and flagged (``warnings`` in ``/api/events``).
 
     Raises:
         ValueError: When ``server_key`` or ``access_token`` is empty, or a
@@ -196,6 +201,7 @@ class CollectorServer:
         redis_url: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
         request_deadline: float = REQUEST_DEADLINE,
+        strict: bool = False,
     ) -> None:
         if not server_key:
             raise ValueError("the collector needs a server key")
@@ -227,6 +233,8 @@ class CollectorServer:
         # Validates the mode and window even when both limits are off.
         RateLimiter(1, mode=rate_limit_mode, window=rate_limit_window)
         self.send_retry_after = send_retry_after
+        #: Refuse (400) events that lack a field the API reference marks required.
+        self.strict = strict
         self._failures_logged: set[str] = set()
         self.record_requests = record_requests
         self.on_event = on_event

@@ -11,12 +11,11 @@ import math
 import re
 from typing import Any, Final
 
-from produl_server._protocol import MAX_ID, WireError, check_wire_event
+from produl_server._protocol import MAX_ID, MAX_LANGUAGE, WireError, check_wire_event
 
 #: (ours) Browser fields: PROTOCOL.md names them (d duration, sd scroll
 #: depth, sw/sh screen size, l language, k site id) without types; these are
 #: the browser tracker's, checked so a hand-written request learns its mistake.
-MAX_LANGUAGE: Final = 35  # the longest BCP 47 tag in common use
 MAX_SCREEN: Final = 100_000
 MAX_SCROLL: Final = 100
 

@@ -39,7 +39,7 @@ from typing import Any
 import attrs
 
 from .._client import Produl
-from .._event import PageviewData
+from .._event import PageviewData, is_language_tag
 from .._protocol import MAX_ID, MAX_PATH, MAX_URL
 from ..exceptions import ConfigurationError
 
@@ -84,7 +84,8 @@ def flush_clients(clients: list[Produl], budget: float | None, why: str) -> None
         except Exception:
             log.exception("produl_server: flush at %s failed", why)
             continue
-        if not done:
+        # False with nothing pending: drops, each already logged and reported.
+        if not done and client.stats.pending:
             log.warning(
                 "produl_server: %d event(s) still pending after the %s flush (%.1f s budget)",
                 client.stats.pending,
@@ -136,6 +137,28 @@ def header_text(value: str | bytes) -> str:
         return value  # already text
 
 
+def first_language(header: str | bytes | None) -> str | None:
+    """The first language tag of an ``Accept-Language`` header, if it is a valid one.
+
+    ``fr-CH, fr;q=0.9, en;q=0.8`` gives ``fr-CH``. The tag is checked by the
+    rule ``track_pageview(language=...)`` applies (letters, then hyphenated
+    subtags of letters and digits, at most 35 characters); anything else
+    (``*``, garbage, an empty header) gives ``None``, so a client's odd header
+    never costs a pageview.
+
+    Args:
+        header: The header value (see :func:`header_text`), or ``None``.
+
+    Returns:
+        The tag as the client wrote it, or ``None``.
+    """
+    if not header:
+        return None
+    text = header_text(header) if isinstance(header, bytes) else header
+    tag = text.split(",", 1)[0].split(";", 1)[0].strip()
+    return tag if tag and is_language_tag(tag) else None
+
+
 def build_request_info(
     *,
     scheme: str,
@@ -145,6 +168,8 @@ def build_request_info(
     referrer: str | bytes | None,
     options: IntegrationOptions,
     visitor: Callable[[], object] | None,
+    session: Callable[[], object] | None = None,
+    accept_language: str | bytes | None = None,
 ) -> RequestInfo:
     """The :class:`RequestInfo` of a request: one encoding for every integration.
 
@@ -158,12 +183,15 @@ def build_request_info(
         path: The decoded request path, script or root path included.
         query: The raw query string, as the client sent its bytes.
         referrer: The ``Referer`` header (see :func:`header_text`).
-        options: Whether to keep the query string.
+        options: Whether to keep the query string and the language.
         visitor: Computes the visitor id when it is needed.
+        session: Computes the session key when it is needed.
+        accept_language: The ``Accept-Language`` header, if any.
 
     Returns:
         The percent-encoded path, the URL (with the query string,
-        percent-encoded, when ``include_query`` is on) and the referrer.
+        percent-encoded, when ``include_query`` is on), the referrer and the
+        language (unless ``language`` is off).
     """
     path = quote_path(path)
     if not path.startswith("/"):
@@ -178,37 +206,67 @@ def build_request_info(
         url=url,
         referrer=header_text(referrer) if referrer else None,
         visitor=visitor,
+        session=session,
+        language=first_language(accept_language) if options.language else None,
     )
 
 
-def _as_visitor_id(value: object) -> VisitorId | None:
-    """A visitor id from whatever a visitor-id function returned, or None."""
+def _as_visitor_id(value: object, what: str = "a visitor id") -> VisitorId | None:
+    """A visitor id (or session key) from whatever its function returned, or None."""
     if value is None or value == "":
         return None
     if isinstance(value, bool):
         # True/False are ints to Python but never a meaningful visitor.
-        raise TypeError(f"a visitor id must be a str, int or UUID, not {value!r}")
+        raise TypeError(f"{what} must be a str, int or UUID, not {value!r}")
     if isinstance(value, int | str):
         return value
     if isinstance(value, uuid.UUID):
         return str(value)
-    raise TypeError(f"a visitor id must be a str, int or UUID, not {type(value).__name__}")
+    raise TypeError(f"{what} must be a str, int or UUID, not {type(value).__name__}")
+
+
+def _resolve_id(function: Callable[[], object] | None, option: str) -> VisitorId | None:
+    """Call a visitor_id or session_key function; problems are logged, never raised."""
+    name = option.replace("_", " ")
+    try:
+        value = _as_visitor_id(function() if function is not None else None, "a " + name)
+    except Exception:
+        log.exception("produl_server: the %s function failed; no %s", option, name)
+        return None
+    if isinstance(value, str) and len(value) > MAX_ID:
+        log.warning("produl_server: %s longer than %d characters ignored", name, MAX_ID)
+        return None
+    return value
 
 
 class RequestInfo:
     """What an integration knows about the request being handled.
 
-    The visitor id is computed on first use and then kept, because the
-    function behind it may touch the session or the database.
+    The visitor id and the session key are computed on first use and then
+    kept, because the functions behind them may touch the session or the
+    database.
 
     Args:
         path: The request path, percent-encoded, starting with ``/``.
         url: The full URL, e.g. ``https://shop.example/cart``.
         referrer: The ``Referer`` header, if any.
         visitor: Returns the visitor id for this request, or ``None``.
+        session: Returns the session key for this request, or ``None``.
+        language: The visitor's language tag (from ``Accept-Language``), if any.
     """
 
-    __slots__ = ("_resolved", "_visitor", "_visitor_id", "path", "referrer", "url")
+    __slots__ = (
+        "_resolved",
+        "_session",
+        "_session_key",
+        "_session_resolved",
+        "_visitor",
+        "_visitor_id",
+        "language",
+        "path",
+        "referrer",
+        "url",
+    )
 
     def __init__(
         self,
@@ -217,6 +275,8 @@ class RequestInfo:
         url: str | None,
         referrer: str | None = None,
         visitor: Callable[[], object] | None = None,
+        session: Callable[[], object] | None = None,
+        language: str | None = None,
     ) -> None:
         # Values the collector would refuse are left out here, so that
         # filling them in can never make a user's track_event() call fail.
@@ -229,9 +289,15 @@ class RequestInfo:
         self.path = path
         self.url = url
         self.referrer = referrer
+        if language is not None and not is_language_tag(language):
+            language = None
+        self.language = language
         self._visitor = visitor
         self._resolved = visitor is None
         self._visitor_id: VisitorId | None = None
+        self._session = session
+        self._session_resolved = session is None
+        self._session_key: VisitorId | None = None
 
     def __repr__(self) -> str:
         return f"<RequestInfo path={self.path!r}>"
@@ -246,22 +312,28 @@ class RequestInfo:
         """
         if not self._resolved:
             self._resolved = True
-            visitor = self._visitor
-            try:
-                value = _as_visitor_id(visitor() if visitor is not None else None)
-            except Exception:
-                log.exception("produl_server: the visitor_id function failed; no visitor id")
-                value = None
-            if isinstance(value, str) and len(value) > MAX_ID:
-                log.warning("produl_server: visitor id longer than %d characters ignored", MAX_ID)
-                value = None
-            self._visitor_id = value
+            self._visitor_id = _resolve_id(self._visitor, "visitor_id")
         return self._visitor_id
 
+    @property
+    def session_key(self) -> VisitorId | None:
+        """The session key for this request, or ``None`` when there is none.
+
+        Computed by the integration's ``session_key`` function on first use,
+        with the same rules as :attr:`visitor_id`: a function that raises or
+        returns something that is not an id counts as "no session key".
+        """
+        if not self._session_resolved:
+            self._session_resolved = True
+            self._session_key = _resolve_id(self._session, "session_key")
+        return self._session_key
+
     def forget_visitor(self) -> None:
-        """Compute the visitor id again on next use (e.g. once the user is loaded)."""
+        """Compute the visitor id and session key again on next use (once the user is loaded)."""
         self._resolved = self._visitor is None
         self._visitor_id = None
+        self._session_resolved = self._session is None
+        self._session_key = None
 
     def url_for(self, path: str) -> str | None:
         """The URL of *path* on the host of this request.
@@ -319,9 +391,10 @@ class ContextualProdul(Produl):
     Inside a request handled by one of the integrations, ``track_event``
     and ``track_pageview`` fill every field you leave out from the request:
     ``path`` and ``url`` (the URL of a path you give is built on the
-    request's host), ``referrer`` for pageviews, and ``visitor_id`` from the
-    integration's visitor-id function. What you pass always wins. Outside a
-    request it behaves exactly like :class:`~produl_server.Produl`.
+    request's host), ``referrer`` and ``language`` for pageviews, and
+    ``visitor_id`` and ``session_key`` from the integration's functions. What
+    you pass always wins. Outside a request it behaves exactly like
+    :class:`~produl_server.Produl`.
 
     It takes the same arguments as :class:`~produl_server.Produl`.
     """
@@ -348,6 +421,8 @@ class ContextualProdul(Produl):
                 url = info.url_for(path)
             if visitor_id is None:
                 visitor_id = info.visitor_id
+            if session_key is None:
+                session_key = info.session_key
         super().track_event(
             name,
             properties,
@@ -368,6 +443,7 @@ class ContextualProdul(Produl):
         title: str | None = None,
         referrer: str | None = None,
         session_key: str | int | uuid.UUID | None = None,
+        language: str | None = None,
     ) -> None:
         """Queue a pageview, completed from the current request.
 
@@ -385,6 +461,10 @@ class ContextualProdul(Produl):
                 url = info.url_for(path)
             if visitor_id is None:
                 visitor_id = info.visitor_id
+            if session_key is None:
+                session_key = info.session_key
+            if language is None:
+                language = info.language
         if data is not None:
             super().track_pageview(data)
             return
@@ -395,6 +475,7 @@ class ContextualProdul(Produl):
             title=title,
             referrer=referrer,
             session_key=session_key,
+            language=language,
         )
 
 
@@ -440,16 +521,25 @@ class IntegrationOptions:
         visitor_id: Called with the framework's request object; returns the
             visitor id, or ``None`` for "do not track this visitor". ``None``
             means the integration's default (the signed-in user's id).
+        session_key: Called with the same request object; returns the
+            session key (``sk``) of the request's pageview and events, or
+            ``None`` for none. ``None`` (the default) sends no session key:
+            the SDK never invents one.
         include_query: Keep the query string in the ``url`` of pageviews and
             events. Off by default: query strings often carry tokens and
             e-mail addresses.
+        language: Send the first tag of the request's ``Accept-Language``
+            header as the pageview's language (``l``). On by default; a
+            header whose first tag is not a valid language tag sends none.
     """
 
     pageviews: bool = False
     include_paths: tuple[re.Pattern[str], ...] = ()
     exclude_paths: tuple[re.Pattern[str], ...] = ()
     visitor_id: Callable[[Any], object] | None = None
+    session_key: Callable[[Any], object] | None = None
     include_query: bool = False
+    language: bool = True
 
     def wants_pageview(self, method: str, status: int, content_type: str, path: str) -> bool:
         """Whether a response earns a pageview (before the visitor id is known).
@@ -487,8 +577,8 @@ def split_options(
         options: Lower-case option names to values.
         source: Where the options came from, for error messages
             (e.g. ``settings.PRODUL``).
-        resolve: Turns a dotted path given as ``visitor_id`` into the
-            callable (Django's ``import_string``, say).
+        resolve: Turns a dotted path given as ``visitor_id`` or
+            ``session_key`` into the callable (Django's ``import_string``, say).
 
     Returns:
         The keyword arguments for :class:`ContextualProdul`, and the rest.
@@ -502,28 +592,33 @@ def split_options(
         valid = ", ".join(sorted(client_keys | _INTEGRATION_KEYS))
         raise ConfigurationError(f"{source}: unknown option(s) {unknown}; valid: {valid}")
     client = {key: value for key, value in options.items() if key in client_keys}
-    visitor = options.get("visitor_id")
-    if isinstance(visitor, str):
-        if resolve is None:
-            raise ConfigurationError(f"{source}: visitor_id must be a callable")
-        try:
-            visitor = resolve(visitor)
-        except ImportError as exc:
-            raise ConfigurationError(f"{source}: visitor_id: {exc}") from None
-    if visitor is not None and not callable(visitor):
-        raise ConfigurationError(f"{source}: visitor_id must be callable, not {visitor!r}")
+    functions = {}
+    for name in ("visitor_id", "session_key"):
+        function = options.get(name)
+        if isinstance(function, str):
+            if resolve is None:
+                raise ConfigurationError(f"{source}: {name} must be a callable")
+            try:
+                function = resolve(function)
+            except ImportError as exc:
+                raise ConfigurationError(f"{source}: {name}: {exc}") from None
+        if function is not None and not callable(function):
+            raise ConfigurationError(f"{source}: {name} must be callable, not {function!r}")
+        functions[name] = function
     flags = {}
-    for flag in ("pageviews", "include_query"):
-        value = options.get(flag, False)
+    for flag, default in (("pageviews", False), ("include_query", False), ("language", True)):
+        value = options.get(flag, default)
         if not isinstance(value, bool):
             raise ConfigurationError(f"{source}: {flag} must be True or False, not {value!r}")
         flags[flag] = value
     integration = IntegrationOptions(
         pageviews=flags["pageviews"],
         include_query=flags["include_query"],
+        language=flags["language"],
         include_paths=_patterns("include_paths", options.get("include_paths")),
         exclude_paths=_patterns("exclude_paths", options.get("exclude_paths")),
-        visitor_id=visitor,
+        visitor_id=functions["visitor_id"],
+        session_key=functions["session_key"],
     )
     return client, integration
 

@@ -74,24 +74,30 @@ def _full_path(scope: Scope) -> str:
 
 
 def scope_info(
-    scope: Scope, options: IntegrationOptions, visitor: Callable[[], object] | None
+    scope: Scope,
+    options: IntegrationOptions,
+    visitor: Callable[[], object] | None,
+    session: Callable[[], object] | None = None,
 ) -> RequestInfo:
     """Build the :class:`~produl_server.integrations.RequestInfo` of an ASGI ``http`` scope.
 
     Args:
         scope: The connection scope.
-        options: Whether to keep the query string.
+        options: Whether to keep the query string and the language.
         visitor: Computes the visitor id when it is needed.
+        session: Computes the session key when it is needed.
 
     Returns:
-        The path (percent-encoded), URL and referrer of the request.
+        The path (percent-encoded), URL, referrer and language of the request.
     """
-    host = referrer = None
+    host = referrer = language = None
     for name, value in scope.get("headers") or ():
         if name == b"host" and host is None:
             host = value
         elif name == b"referer" and referrer is None:
             referrer = value
+        elif name == b"accept-language" and language is None:
+            language = value
     return build_request_info(
         scheme=scope.get("scheme") or "http",
         host=_host(scope, host),
@@ -100,6 +106,8 @@ def scope_info(
         referrer=referrer,
         options=options,
         visitor=visitor,
+        session=session,
+        accept_language=language,
     )
 
 
@@ -134,7 +142,11 @@ class ProdulMiddleware:
         visitor_id: Called with the ASGI scope; returns the visitor id, or
             ``None``. By default there is none: ASGI has no standard place
             for the signed-in user.
+        session_key: Called with the ASGI scope; returns the session key,
+            or ``None``. By default there is none.
         include_query: Keep the query string in ``url``.
+        language: Send the first ``Accept-Language`` tag as the pageview's
+            ``l`` (on by default).
         client_options: :class:`~produl_server.Produl` arguments, when
             ``client`` is not given.
 
@@ -151,7 +163,9 @@ class ProdulMiddleware:
         include_paths: Iterable[str | re.Pattern[str]] | None = None,
         exclude_paths: Iterable[str | re.Pattern[str]] | None = None,
         visitor_id: Callable[[Scope], object] | None = None,
+        session_key: Callable[[Scope], object] | None = None,
         include_query: bool = False,
+        language: bool = True,
         **client_options: Any,
     ) -> None:
         options = {
@@ -159,7 +173,9 @@ class ProdulMiddleware:
             "include_paths": include_paths,
             "exclude_paths": exclude_paths,
             "visitor_id": visitor_id,
+            "session_key": session_key,
             "include_query": include_query,
+            "language": language,
         }
         client_kwargs, self.options = split_options(
             {**client_options, **options}, "ProdulMiddleware()"
@@ -174,9 +190,10 @@ class ProdulMiddleware:
         if scope["type"] != "http":
             await self._other(scope, receive, send)
             return
-        chooser = self.options.visitor_id
+        chooser, sessions = self.options.visitor_id, self.options.session_key
         visitor = None if chooser is None else (lambda: chooser(scope))
-        info = scope_info(scope, self.options, visitor)
+        session = None if sessions is None else (lambda: sessions(scope))
+        info = scope_info(scope, self.options, visitor, session)
         token = _current.set(info)
         try:
             if self.options.pageviews and scope.get("method") == "GET":

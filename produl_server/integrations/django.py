@@ -20,8 +20,10 @@ visitor from the request.
 (``server_key`` and ``api_url`` default to the ``PRODUL_SERVER_KEY`` and
 ``PRODUL_API_URL`` environment variables) and the
 :class:`~produl_server.integrations.IntegrationOptions`; ``visitor_id`` may
-be a dotted path. The default visitor id is the signed-in user's primary
-key; anonymous requests get no pageview and no visitor id.
+be a dotted path, and so may ``session_key``. The default visitor id is the
+signed-in user's primary key; anonymous requests get no pageview and no
+visitor id. There is no default session key (Django's own session key is a
+credential, never sent).
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ def _request_info(request: HttpRequest, options: IntegrationOptions) -> RequestI
     except DisallowedHost:
         host = None
     chooser = options.visitor_id or default_visitor_id
+    sessions = options.session_key
     return build_request_info(
         scheme=request.scheme or "http",
         host=host,
@@ -165,6 +168,8 @@ def _request_info(request: HttpRequest, options: IntegrationOptions) -> RequestI
         referrer=request.META.get("HTTP_REFERER"),
         options=options,
         visitor=lambda: chooser(request),
+        session=None if sessions is None else (lambda: sessions(request)),
+        accept_language=request.META.get("HTTP_ACCEPT_LANGUAGE"),
     )
 
 

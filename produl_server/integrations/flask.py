@@ -18,7 +18,8 @@ Every :class:`~produl_server.Produl` argument and every
 :class:`~produl_server.integrations.IntegrationOptions` field is read from
 the config key of the same name, upper-cased, with a ``PRODUL_`` prefix:
 ``PRODUL_SERVER_KEY``, ``PRODUL_API_URL``, ``PRODUL_FLUSH_AT``,
-``PRODUL_PAGEVIEWS``, ``PRODUL_EXCLUDE_PATHS``, ``PRODUL_VISITOR_ID`` …
+``PRODUL_PAGEVIEWS``, ``PRODUL_EXCLUDE_PATHS``, ``PRODUL_VISITOR_ID``,
+``PRODUL_SESSION_KEY``, ``PRODUL_LANGUAGE`` …
 ``PRODUL_SERVER_KEY`` and ``PRODUL_API_URL`` fall back to the environment
 variables of the same names, so ``app.config.from_prefixed_env()`` works too.
 
@@ -176,6 +177,7 @@ class ProdulFlask:
 def _request_info(options: IntegrationOptions) -> RequestInfo:
     request = flask.request
     chooser = options.visitor_id or default_visitor_id
+    sessions = options.session_key
     return build_request_info(
         scheme=request.scheme,
         host=request.host,
@@ -184,6 +186,8 @@ def _request_info(options: IntegrationOptions) -> RequestInfo:
         referrer=request.environ.get("HTTP_REFERER"),
         options=options,
         visitor=lambda: chooser(request),
+        session=None if sessions is None else (lambda: sessions(request)),
+        accept_language=request.environ.get("HTTP_ACCEPT_LANGUAGE"),
     )
 
 

@@ -18,6 +18,9 @@ class runs a job through), and flushes the client, within a bounded time,
   stored, just before the horse exits;
 * after every job, in any worker, if ``flush_after_job=True``.
 
+Around each job it sets the job context: what the job tracks carries the
+``queue`` and ``job`` properties (the queue's name and the job's function).
+
 ``SimpleWorker`` runs jobs in the worker process itself, which ends
 normally: the client's own exit flush delivers what is left there.
 
@@ -38,6 +41,7 @@ import attrs
 from rq.worker import BaseWorker
 
 from .._client import Produl
+from .._jobs import enter_job, leave_job
 from . import flush_clients
 
 __all__ = ["connect", "disconnect"]
@@ -106,9 +110,12 @@ def disconnect(client: Produl | None = None) -> None:
 def _wrap(perform_job: Callable[..., bool]) -> Callable[..., bool]:
     @functools.wraps(perform_job)
     def perform_job_then_flush(self: BaseWorker, *args: Any, **kwargs: Any) -> bool:
+        job = args[0] if args else kwargs.get("job")
+        token = enter_job(getattr(job, "origin", None), getattr(job, "func_name", None))
         try:
             return perform_job(self, *args, **kwargs)
         finally:
+            leave_job(token)
             options = _options
             # _is_horse: set by RQ in a forked horse, which ends in os._exit().
             if options.flush_after_job or getattr(self, "_is_horse", False):

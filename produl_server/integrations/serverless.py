@@ -77,7 +77,9 @@ class flush_after:  # noqa: N801 -- used as a decorator, named like one
         return max(0.0, min(self.timeout, remaining - SAFETY_MARGIN))
 
     def _report(self, done: bool, budget: float) -> bool:
-        if not done:
+        # False with nothing pending: events were dropped or spooled, and
+        # each of those was already logged and reported on its own.
+        if not done and self.client.stats.pending:
             log.warning(
                 "produl_server: %d event(s) not delivered within %.2f s at the end of the "
                 "invocation; they stay queued for the next one",
@@ -93,7 +95,8 @@ class flush_after:  # noqa: N801 -- used as a decorator, named like one
             remaining: Seconds the invocation has left, if known.
 
         Returns:
-            Whether everything tracked so far was delivered (or handled).
+            What :meth:`Produl.flush` returned: whether everything tracked
+            so far was delivered, with nothing dropped since the last flush.
         """
         budget = self._budget(remaining)
         try:
@@ -110,7 +113,8 @@ class flush_after:  # noqa: N801 -- used as a decorator, named like one
             remaining: Seconds the invocation has left, if known.
 
         Returns:
-            Whether everything tracked so far was delivered (or handled).
+            What :meth:`Produl.flush` returned: whether everything tracked
+            so far was delivered, with nothing dropped since the last flush.
         """
         budget = self._budget(remaining)
         try:

@@ -73,16 +73,18 @@ def environ_info(
     environ: WSGIEnvironment,
     options: IntegrationOptions,
     visitor: Callable[[], object] | None,
+    session: Callable[[], object] | None = None,
 ) -> RequestInfo:
     """Build the :class:`~produl_server.integrations.RequestInfo` of a WSGI request.
 
     Args:
         environ: The WSGI environment.
-        options: Whether to keep the query string.
+        options: Whether to keep the query string and the language.
         visitor: Computes the visitor id when it is needed.
+        session: Computes the session key when it is needed.
 
     Returns:
-        The path (percent-encoded), URL and referrer of the request.
+        The path (percent-encoded), URL, referrer and language of the request.
     """
     scheme = environ.get("wsgi.url_scheme", "http")
     host = environ.get("HTTP_HOST")
@@ -101,6 +103,8 @@ def environ_info(
         referrer=environ.get("HTTP_REFERER"),
         options=options,
         visitor=visitor,
+        session=session,
+        accept_language=environ.get("HTTP_ACCEPT_LANGUAGE"),
     )
 
 
@@ -112,7 +116,8 @@ class ProdulMiddleware:
     :meth:`~produl_server.integrations.ContextualProdul.track_event` fills
     ``path``, ``url`` and ``visitor_id`` from the request. With
     ``pageviews=True`` each 2xx HTML answer to a ``GET`` with a visitor id is
-    tracked as a pageview once the body has been sent.
+    tracked as a pageview once the body has been sent, with the session key
+    of the ``session_key`` function and the language of ``Accept-Language``.
 
     Args:
         app: The WSGI application to wrap.
@@ -121,7 +126,8 @@ class ProdulMiddleware:
         options: :class:`~produl_server.Produl` arguments and the
             :class:`~produl_server.integrations.IntegrationOptions` (the
             default ``visitor_id`` is ``environ["REMOTE_USER"]``, the user
-            the server authenticated, if any).
+            the server authenticated, if any; ``session_key`` is called with
+            the environ too, and has no default).
 
     Raises:
         ConfigurationError: An unknown option or an invalid value.
@@ -144,7 +150,13 @@ class ProdulMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Handle one request (the WSGI protocol)."""
-        info = environ_info(environ, self.options, lambda: self._visitor(environ))
+        sessions = self.options.session_key
+        info = environ_info(
+            environ,
+            self.options,
+            lambda: self._visitor(environ),
+            None if sessions is None else (lambda: sessions(environ)),
+        )
         context = contextvars.copy_context()
         context.run(_current.set, info)
         seen: list[str] = []
@@ -182,7 +194,12 @@ def track_pageview_safely(client: ContextualProdul, info: RequestInfo) -> None:
         return
     try:
         client.track_pageview(
-            path=info.path, url=info.url, referrer=info.referrer, visitor_id=visitor
+            path=info.path,
+            url=info.url,
+            referrer=info.referrer,
+            visitor_id=visitor,
+            session_key=info.session_key,
+            language=info.language,
         )
     except Exception:
         # Analytics must never turn a good response into an error page.

@@ -358,3 +358,31 @@ def test_quote_path_fast_path_agrees_with_quote(path):
     from produl_server.integrations import _PATH_SAFE, quote_path
 
     assert quote_path(path) == urllib.parse.quote(path, safe=_PATH_SAFE)
+
+
+@pytest.mark.parametrize("language", [True, False])
+def test_pageview_carries_the_session_key_and_the_language(client, produl_collector, language):
+    def session(scope):
+        return dict(scope["headers"]).get(b"x-site-session", b"").decode() or None
+
+    middleware = ProdulMiddleware(
+        html_app(client),
+        client,
+        pageviews=True,
+        visitor_id=customer,
+        session_key=session,
+        language=language,
+    )
+    headers = [
+        (b"host", b"shop.example"),
+        (b"x-customer", b"c1"),
+        (b"x-site-session", b"s-5"),
+        (b"accept-language", b"es-419, es;q=0.9"),
+    ]
+    asyncio.run(drive(middleware, http_scope(headers=headers), client.log))
+    assert client.flush(5)
+    inside, pageview = produl_collector.events
+    assert inside["sk"] == "s-5"
+    assert "l" not in inside
+    assert pageview["sk"] == "s-5"
+    assert pageview.get("l") == ("es-419" if language else None)

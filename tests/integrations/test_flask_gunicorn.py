@@ -87,3 +87,28 @@ def test_preload_with_two_workers_loses_nothing(spawn, produl_collector, mode):
         f"flask/gunicorn --preload ({mode}): {2 * N} tracked by {len(pids)} workers, "
         f"{len(produl_collector.events)} delivered"
     )
+
+
+def test_pageviews_carry_the_sites_session_and_the_visitors_language(spawn, produl_collector):
+    # Issue #20 item 5: the site copies the browser tracker's session into a
+    # cookie of its own (the demo's PRODUL_SESSION_KEY reads it), and the
+    # pageview carries the first tag of Accept-Language.
+    _proc, base = serve_flask(spawn, produl_collector)
+    headers = {"X-Customer": "c1", "Accept-Language": "pt-BR,pt;q=0.9,en;q=0.5"}
+    cookies = {"demo_session": "tracker-session-9"}
+    with requests.get(f"{base}/items/1", headers=headers, cookies=cookies, timeout=10) as answer:
+        assert answer.status_code == 200
+    # Without the cookie and with a header whose first tag is no language:
+    # neither field is sent, and the pageview still is.
+    odd = {"X-Customer": "c2", "Accept-Language": "*, en;q=0.1"}
+    with requests.get(f"{base}/items/2", headers=odd, timeout=10) as answer:
+        assert answer.status_code == 200
+    produl_collector.wait_for(4, timeout=30)
+    first = produl_collector.assert_pageview(path="/items/1")
+    assert (first["sk"], first["l"]) == ("tracker-session-9", "pt-BR")
+    event = produl_collector.assert_event("item_viewed", visitor_id="c1")
+    assert event["sk"] == "tracker-session-9"
+    assert "l" not in event  # the language is a pageview's field only
+    second = produl_collector.assert_pageview(path="/items/2")
+    assert "sk" not in second
+    assert "l" not in second

@@ -14,6 +14,7 @@ from produl_server.integrations import (
     RequestInfo,
     build_client,
     current_request,
+    first_language,
     request_context,
     split_options,
 )
@@ -236,3 +237,137 @@ def test_produl_enabled_0_turns_the_flask_extension_off_without_a_key(
         assert produl.client.config.enabled is False
         assert produl.client.flush(timeout=5)
     assert produl_collector.requests == []
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("fr-CH, fr;q=0.9, en;q=0.8", "fr-CH"),
+        ("en-US;q=0.8,de", "en-US"),
+        ("  de  ", "de"),
+        (b"pt-BR,pt", "pt-BR"),
+        ("*", None),
+        ("*, en;q=0.5", None),  # the first tag is not a language: none is sent
+        ("en_US", None),
+        ("<script>", None),
+        ("a" * 40, None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_first_language_of_accept_language(header, expected):
+    assert first_language(header) == expected
+
+
+def test_session_and_language_options_fail_at_startup():
+    with pytest.raises(ConfigurationError, match="session_key must be callable"):
+        split_options({"session_key": "not.resolved"}, "x", lambda path: 3)
+    with pytest.raises(ConfigurationError, match="session_key must be a callable"):
+        split_options({"session_key": "a.b"}, "x")
+    with pytest.raises(ConfigurationError, match="language must be True or False"):
+        split_options({"language": "no"}, "x")
+    _, options = split_options({}, "x")
+    assert options.language is True
+    assert options.session_key is None
+
+
+def test_context_fills_session_key_and_language(contextual, produl_collector):
+    info = RequestInfo(
+        path="/cart",
+        url="https://shop.example/cart",
+        visitor=lambda: 7,
+        session=lambda: "s-1",
+        language="de-AT",
+    )
+    with request_context(info):
+        contextual.track_event("filled")
+        contextual.track_event("own", session_key="mine")
+        contextual.track_pageview()
+        contextual.track_pageview(language="it", session_key="mine")
+    assert contextual.flush(5)
+    filled, own, pageview, own_pageview = produl_collector.events
+    assert filled["sk"] == "s-1"
+    assert "l" not in filled
+    assert own["sk"] == "mine"
+    assert (pageview["sk"], pageview["l"]) == ("s-1", "de-AT")
+    assert (own_pageview["sk"], own_pageview["l"]) == ("mine", "it")
+
+
+def test_a_failing_session_function_never_breaks_the_request(caplog):
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("cache down")
+
+    info = RequestInfo(path="/a", url="https://x/a", session=broken)
+    assert info.session_key is None
+    assert info.session_key is None
+    assert calls == [1]  # computed once per request
+    assert "session_key function failed" in caplog.text
+    assert RequestInfo(path="/a", url=None, session=lambda: True).session_key is None
+    assert RequestInfo(path="/a", url=None, session=lambda: "s" * 300).session_key is None
+    assert RequestInfo(path="/a", url=None, language="no such tag").language is None
+
+
+def wsgi_html(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/html")])
+    return [b"<p>hi</p>"]
+
+
+def run_wsgi(app, **headers):
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/hello",
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        **headers,
+    }
+    body = app(environ, lambda status, headers, exc_info=None: None)
+    b"".join(body)
+    body.close()
+
+
+@pytest.mark.parametrize("language", [True, False])
+def test_wsgi_pageview_language_can_be_turned_off(contextual, produl_collector, language):
+    middleware = ProdulMiddleware(
+        wsgi_html,
+        contextual,
+        pageviews=True,
+        language=language,
+        visitor_id=lambda environ: "v",
+        session_key=lambda environ: environ.get("HTTP_X_SITE_SESSION"),
+    )
+    run_wsgi(middleware, HTTP_ACCEPT_LANGUAGE="nl-BE,nl", HTTP_X_SITE_SESSION="s-9")
+    assert contextual.flush(5)
+    (pageview,) = produl_collector.events
+    assert pageview["sk"] == "s-9"
+    assert pageview.get("l") == ("nl-BE" if language else None)
+
+
+def test_flask_language_off_and_session_from_config(produl_collector):
+    app = flask.Flask("produl_language_off")
+    app.config.update(
+        PRODUL_SERVER_KEY=produl_collector.server_key,
+        PRODUL_API_URL=produl_collector.url,
+        PRODUL_PAGEVIEWS=True,
+        PRODUL_LANGUAGE=False,
+        PRODUL_VISITOR_ID=lambda request: "v",
+        PRODUL_SESSION_KEY=lambda request: request.cookies.get("site_sk"),
+    )
+    ProdulFlask(app)
+
+    @app.get("/")
+    def index():
+        return "<p>hi</p>"
+
+    test_client = app.test_client()
+    test_client.set_cookie("site_sk", "s-3")
+    assert test_client.get("/", headers={"Accept-Language": "en"}).status_code == 200
+    client = app.extensions["produl_server"].client
+    assert client.flush(5)
+    client.shutdown(5)
+    (pageview,) = produl_collector.events
+    assert pageview["sk"] == "s-3"
+    assert "l" not in pageview

@@ -1,4 +1,4 @@
-"""One request-info builder: the same URL gives the same p, u and r everywhere.
+"""One request-info builder: the same URL gives the same p, u, r, sk and l everywhere.
 
 The request has a non-ASCII path and a query string with both escapes and
 raw UTF-8 bytes (``produl_url_probe``); WSGI, Flask, Django (under WSGI and
@@ -22,13 +22,22 @@ from produl_server.integrations.asgi import ProdulMiddleware as AsgiMiddleware
 from produl_server.integrations.wsgi import ProdulMiddleware as WsgiMiddleware
 
 EXPECTED = [
-    {"t": "ev", "n": "probe", "p": probe.EXPECTED_PATH, "u": probe.EXPECTED_URL, "vi": "7"},
+    {
+        "t": "ev",
+        "n": "probe",
+        "p": probe.EXPECTED_PATH,
+        "u": probe.EXPECTED_URL,
+        "vi": "7",
+        "sk": probe.SESSION,
+    },
     {
         "t": "pv",
         "p": probe.EXPECTED_PATH,
         "u": probe.EXPECTED_URL,
         "vi": "7",
+        "sk": probe.SESSION,
         "r": probe.EXPECTED_REFERRER,
+        "l": probe.EXPECTED_LANGUAGE,
     },
 ]
 
@@ -57,6 +66,7 @@ def test_wsgi(produl_collector):
         pageviews=True,
         include_query=True,
         visitor_id=lambda environ: environ["HTTP_X_CUSTOMER"],
+        session_key=lambda environ: environ.get("HTTP_X_SITE_SESSION"),
     )
     assert probe.call_wsgi(middleware) == "200 OK"
     assert delivered(produl_collector, client) == EXPECTED
@@ -73,6 +83,7 @@ def test_flask(produl_collector):
         PRODUL_PAGEVIEWS=True,
         PRODUL_INCLUDE_QUERY=True,
         PRODUL_VISITOR_ID=lambda request: request.headers["X-Customer"],
+        PRODUL_SESSION_KEY=lambda request: request.headers.get("X-Site-Session"),
     )
     produl = ProdulFlask(app)
 
@@ -105,6 +116,7 @@ def test_asgi(produl_collector):
         pageviews=True,
         include_query=True,
         visitor_id=lambda scope: dict(scope["headers"])[b"x-customer"].decode(),
+        session_key=lambda scope: dict(scope["headers"])[b"x-site-session"].decode(),
     )
     assert asyncio.run(probe.call_asgi(middleware)) == 200
     assert delivered(produl_collector, client) == EXPECTED
@@ -114,7 +126,8 @@ def test_asgi(produl_collector):
 def test_django_under_wsgi_and_asgi(produl_collector):
     pytest.importorskip("django")
     # Django's settings are per process: the demo project runs in its own.
-    env = app_env(produl_collector, DEMO_PRODUL_OPTIONS='{"include_query": true}')
+    options = '{"include_query": true, "session_key": "produl_django_demo.auth.site_session"}'
+    env = app_env(produl_collector, DEMO_PRODUL_OPTIONS=options)
     done = subprocess.run(
         [sys.executable, str(APPS / "produl_url_probe.py")],
         env=env,

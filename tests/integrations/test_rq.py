@@ -82,6 +82,9 @@ def test_every_job_event_is_delivered(spawn, produl_collector, redis_url, kind):
         assert produl_collector.events == []
     stop_warm(worker)
     assert numbers(produl_collector) == list(range(N))  # 100/100, no duplicate
+    for event in produl_collector.events:  # the job context
+        assert event["pr"]["queue"] == "default", event
+        assert event["pr"]["job"] == "produl_rq_demo.record_signup", event
     pids = {e["pr"]["pid"] for e in produl_collector.events}
     delivered = len(produl_collector.events)
     print(f"rq {kind}: {N} jobs in {len(pids)} process(es), {delivered} delivered")

@@ -54,6 +54,12 @@ function renderEvents(events) {
     const tr = document.createElement("tr");
     tr.dataset.id = String(stored.id);
     if (!firstLoad && !seen.has(stored.id)) tr.className = "new";
+    const warnings = stored.warnings || [];
+    if (warnings.length) {
+      // Fields the API reference marks required: Produl may drop the event.
+      tr.classList.add("warned");
+      tr.title = warnings.join(", ") + " (Produl may drop it)";
+    }
     const when = new Date(stored.received_at * 1000).toLocaleTimeString();
     tr.append(
       cell(when),
@@ -75,6 +81,15 @@ function renderEvents(events) {
   seen = new Set(events.map((stored) => stored.id));
   firstLoad = false;
   $("empty").hidden = events.length > 0;
+}
+
+function renderFlagged(flagged) {
+  const line = $("flagged");
+  line.hidden = !flagged;
+  line.textContent = flagged
+    ? `${plural(flagged, "event")} without u, p, vi or sk, which the API reference ` +
+      "marks required: Produl may drop them (hover a marked row for the field)."
+    : "";
 }
 
 function renderCounts(counts, total) {
@@ -113,6 +128,7 @@ async function refresh() {
     const data = await response.json();
     renderEvents(data.events);
     renderCounts(data.counts, data.total);
+    renderFlagged(data.flagged);
     setStatus("live, updated " + new Date().toLocaleTimeString(), "live");
   } catch (error) {
     setStatus("collector unreachable (" + error.message + ")", "offline");

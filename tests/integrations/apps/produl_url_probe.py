@@ -15,6 +15,11 @@ QUERY = b"q=cr%C3%A8me+br%C3%BBl%C3%A9e&w=\xc3\xbc&e=a%20b"
 REFERER = "https://ref.example/caf\u00e9".encode()
 HOST = "localhost"  # allowed by the Django demo
 VISITOR = "7"
+# The site's own header for the browser tracker's session (item 5 of #20),
+# and a language list whose first tag every integration must send as ``l``.
+SESSION = "s-42"
+ACCEPT_LANGUAGE = "fr-CH, fr;q=0.9, en;q=0.8"
+EXPECTED_LANGUAGE = "fr-CH"
 
 EXPECTED_PATH = "/echo/caf%C3%A9"
 EXPECTED_URL = "http://localhost/echo/caf%C3%A9?q=cr%C3%A8me+br%C3%BBl%C3%A9e&w=%C3%BC&e=a%20b"
@@ -38,6 +43,8 @@ def environ():
         "HTTP_REFERER": REFERER.decode("latin-1"),
         "HTTP_X_CUSTOMER": VISITOR,
         "HTTP_X_DEMO_USER": VISITOR,
+        "HTTP_X_SITE_SESSION": SESSION,
+        "HTTP_ACCEPT_LANGUAGE": ACCEPT_LANGUAGE,
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": "http",
         "wsgi.input": io.BytesIO(),
@@ -65,6 +72,8 @@ def scope():
             (b"referer", REFERER),
             (b"x-customer", VISITOR.encode()),
             (b"x-demo-user", VISITOR.encode()),
+            (b"x-site-session", SESSION.encode()),
+            (b"accept-language", ACCEPT_LANGUAGE.encode()),
         ],
         "server": (HOST, 80),
         "client": ("127.0.0.1", 50000),

@@ -4,6 +4,11 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.contrib.auth.models import AnonymousUser, User
 
 
+def site_session(request):
+    """The session key the site's pages pass in their own ``X-Site-Session`` header."""
+    return request.headers.get("X-Site-Session")
+
+
 class HeaderUserMiddleware:
     """Sets ``request.user`` to an (unsaved) ``User`` whose pk is the ``X-Demo-User`` header.
 

@@ -1,21 +1,20 @@
-"""What a client shares beyond its own process: the host's quota and the spool.
+"""The spool as the sender sees it: one :class:`Outbox` protocol, two homes.
 
-- The quota. By default every client of this user on this host that sends
-  to the same ``api_url`` paces against one rolling window, kept in a small
-  file (``_hostquota``), because the API's limit is per IP address, not per
-  process. ``shared_quota=False`` paces the process alone; ``quota_dir``
-  moves the file (a volume shared by containers behind one address).
-- The spool (``spool_dir``). What cannot be sent in time is written to an
-  SQLite outbox (``_spool``) instead of being dropped, and any later client
-  that opens the same directory delivers it first.
-- The default spool (no ``spool_dir``; issue #22). Only the exit writes to
-  it, what it could not send; the next client with the same key and URL
-  delivers it first. It is bounded in time and size, opened only when it
-  has something to give or take, and a failure to use it never stops the
-  app: the exit's loss line says what happened.
+What cannot be sent in time is written to a spool instead of being
+dropped, and any later client that opens it delivers it first. The sender
+uses every spool through :class:`Outbox`, whatever holds it:
 
-Both are reached only from the sender (and the exit path), never from a
-``track_*`` call, except the spool when the queue is full.
+- :class:`SqliteOutbox`: ``spool_dir``, an SQLite file (:mod:`._spool`);
+- :class:`DefaultOutbox`: no ``spool_dir``: the user's default spool, an
+  SQLite file too, that only the exit writes to (issue #22): what it could
+  not send. It is bounded in time and size, opened only when it has
+  something to give or take, and a failure to use it never stops the app;
+- :class:`~._redis.FleetOutbox`: ``redis_url``, a Stream in Redis, with
+  ``spool_dir`` as its fallback while Redis does not answer.
+
+Failures are logged, never raised. Reached only from the sender (and the
+exit path), never from a ``track_*`` call, except the local spool when the
+queue is full.
 """
 
 from __future__ import annotations
@@ -24,15 +23,12 @@ import logging
 import math
 import os
 import threading
-import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from urllib3.util import parse_url
 
-from ._config import MAX_SECONDS, Config, is_loopback, key_fingerprint, mask_url
-from ._hostquota import HostQuota
-from ._schedule import Quota, RollingQuota
+from ._config import MAX_SECONDS, Config, is_loopback, key_fingerprint
 from ._spool import FILENAME, Census, Spool, SpooledEvent, SpoolError
 from .exceptions import ConfigurationError
 
@@ -48,7 +44,7 @@ SPOOL_BATCH = 50
 
 #: The default spool's bounds (issue #22): an event waits at most a week
 #: (an hour for a collector on this machine, whose keys are throwaway: the
-#: local collector makes one per run, and nobody would ever claim their
+#: local collector makes one URL per run, and nobody would ever claim their
 #: leftovers); the file holds at most 100,000 events and 64 MiB, all keys
 #: together. Beyond them, events are dropped, counted and logged.
 DEFAULT_SPOOL_MAX_AGE = 7 * 86_400.0
@@ -60,55 +56,64 @@ DEFAULT_SPOOL_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_SPOOL_BUSY = 1.0
 
 
-class HostWideQuota:
-    """A :class:`~._hostquota.HostQuota` on the wall clock, as the schedule calls it.
+class Outbox(Protocol):
+    """What the sender needs of a spool."""
 
-    Processes compare their request times in the shared file, so they need a
-    clock they share: the wall clock, not each process's monotonic one.
-    """
+    #: Where the events are kept, for log lines.
+    directory: str
+    #: Seconds a claim stays this sender's.
+    lease: float
+    #: Events this outbox moved to the quarantine.
+    quarantined: int
+    #: True: only the exit writes to it (the default spool), so a full
+    #: queue or an outage drops events as it would without a spool.
+    exit_only: bool
 
-    kind = "host"
+    def keep(self, items: Iterable[tuple[bytes, str | None]], *, caller: bool = False) -> int:
+        """Spool events; return how many were kept (*caller*: on a ``track_*`` thread)."""
 
-    def __init__(self, host: HostQuota) -> None:
-        self.host = host
+    def take(self) -> list[SpooledEvent]:
+        """Claim the next few spooled events for this sender."""
 
-    def take(self, now: float) -> float:
-        return self.host.take(time.time())
+    def done(self, ids: list[Any]) -> None:
+        """Remove delivered (or refused) events."""
 
-    @property
-    def used(self) -> int:
-        return self.host.used
+    def give_back(self, ids: list[Any]) -> None:
+        """Return claimed events unsent, for whoever comes next."""
 
-    @property
-    def shared(self) -> bool:
-        return self.host.shared
+    def count(self) -> int:
+        """Events spooled now (0 when it cannot tell)."""
+
+    def worth_a_look(self) -> bool:
+        """Whether a new client should start its sender to look in the spool at once.
+
+        Asked on the constructing thread: a spool that cannot answer at once
+        (Redis) says yes and lets the sender look.
+        """
+
+    def problem(self) -> str | None:
+        """Why the spool's contents cannot be told now, or None."""
+
+    def census(self) -> Census | None:
+        """What the spool holds for this key and for others (None if it cannot tell)."""
+
+    def adopt_unowned(self) -> int:
+        """Make this key's the events of its URL that no key owns; return how many."""
 
     def after_fork_in_child(self) -> None:
-        self.host.after_fork_in_child()
+        """Reopen what a forked child must not share."""
+
+    def close(self) -> None:
+        """Close the spool (the client has finished)."""
 
 
-def make_quota(config: Config) -> Quota:
-    """The quota a client paces against: the host's, or its own."""
-    limit = config.max_requests_per_minute
-    if limit is None or not config.shared_quota:
-        return RollingQuota(limit)
-    if config.quota_dir is None and is_loopback(parse_url(config.api_url).host or ""):
-        # A collector on this machine is not Produl's API: a test suite's many
-        # clients would wait on each other for a quota nobody enforces.
-        # quota_dir (PRODUL_QUOTA_DIR) shares it anyway.
-        return RollingQuota(limit)
-    return HostWideQuota(HostQuota(limit, config.api_url, config.quota_dir))
-
-
-class Outbox:
-    """The spool as the sender uses it: failures are logged, never raised.
+class SqliteOutbox:
+    """The ``spool_dir`` spool as the sender uses it: failures are logged, never raised.
 
     Args:
         spool: The open spool.
     """
 
-    #: True: only the exit writes to it (the default spool), so a full
-    #: queue or an outage drops events as it would without a spool.
     exit_only = False
 
     def __init__(self, spool: Spool, lease: float = SPOOL_LEASE) -> None:
@@ -175,6 +180,9 @@ class Outbox:
             self._report(exc)
             return 0
 
+    def worth_a_look(self) -> bool:
+        return self.count() > 0
+
     def problem(self) -> str | None:
         """Why the spool's contents cannot be told now, or None (SQLite: never)."""
         return None
@@ -212,7 +220,7 @@ class Outbox:
             log.error("produl_server: %s", text)
 
 
-class DefaultOutbox(Outbox):
+class DefaultOutbox(SqliteOutbox):
     """The user's default spool: written only at exit, bounded, opened lazily.
 
     Nothing is opened (nor created) until there is something to keep, or
@@ -343,24 +351,3 @@ def lease_from_env() -> float:
             f"{LEASE_ENV} must be seconds, more than 0 and at most {MAX_SECONDS:g}"
         )
     return value
-
-
-def open_outbox(config: Config) -> Outbox | None:
-    """Open the configured spool, or None without one.
-
-    Raises:
-        ConfigurationError: The directory cannot hold a spool (read-only,
-            a file, a damaged database); the message is one line.
-    """
-    if config.spool_dir is None:
-        if config.default_spool_dir is None:
-            return None
-        return DefaultOutbox(config, config.default_spool_dir, lease_from_env())
-    lease = lease_from_env()
-    try:
-        owner = key_fingerprint(config.server_key)
-        return Outbox(Spool(config.spool_dir, config.api_url, owner), lease)
-    except SpoolError as exc:
-        raise ConfigurationError(
-            f"spool_dir cannot be used for {mask_url(config.api_url)}: {exc}"
-        ) from None

@@ -1,0 +1,31 @@
+"""Keep the process's signals away from the SDK's threads.
+
+A signal sent to a process is handled by any one of its threads that does
+not block it. Python runs every signal handler in the main thread, but the
+main thread learns of the signal only when it next runs Python code: if the
+kernel hands the signal to one of our threads while the main thread waits
+in a C call (a lock, a pipe read), the handler runs late, or never. A
+``multiprocessing`` pool worker waits exactly so between tasks, and a
+``SIGTERM`` that landed on our sender thread left it alive and its events
+unsent (issue #23). So each long-lived thread of ours blocks the signals an
+application may handle, and the kernel delivers them to a thread that can
+act on them, the main thread included. Signals the kernel sends to the
+thread that caused them (``SIGSEGV`` and alike) are left alone.
+"""
+
+from __future__ import annotations
+
+import signal
+
+__all__ = ["leave_signals_to_others"]
+
+_NAMES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD")
+_ASYNC = frozenset(getattr(signal, name) for name in _NAMES if hasattr(signal, name))
+
+
+def leave_signals_to_others() -> None:
+    """Block, in the calling thread, the signals an application may handle."""
+    block = getattr(signal, "pthread_sigmask", None)
+    if block is None:  # pragma: no cover - Windows: no per-thread masks
+        return
+    block(signal.SIG_BLOCK, _ASYNC)
