@@ -190,13 +190,11 @@ class Accounts:
     def spool(self, items: list[Item], *, caller: bool = False) -> list[Item]:
         """Keep events in the spool instead of dropping them; return those kept.
 
-        Events taken from the spool go back to it; others are written. Each
-        one kept is counted ``spooled``; the rest are left to the caller.
-        *caller*: on a ``track_*`` caller's thread (never Redis there).
+        Taken ones go back; others are written (the default spool's only at the
+        end, #22). Each one kept is counted ``spooled``; the rest are left to the
+        caller. *caller*: on a ``track_*`` caller's thread (never Redis there).
         """
         outbox = self.outbox
-        # The default spool is the exit's only: a running client's full
-        # queue and outages drop as without a spool (issue #22).
         if outbox is None or not items or (outbox.exit_only and not self.finished):
             return []
         taken = [item for item in items if item.spool_id is not None]
@@ -285,8 +283,6 @@ class Accounts:
         leftovers += self.inbox.take_refused()
         leftovers += [Item(*queued) for queued in self.inbox.take_all()]
         leftovers = [item for item in leftovers if not self.ledger.is_handled(item.seq)]
-        # In the order they were tracked, the one in flight included: the
-        # next run sends them in the spool's order (issue #22).
         kept = {item.seq for item in self.spool(sorted(leftovers, key=lambda item: item.seq))}
         if kept and self.outbox is not None:
             twice = len(kept & in_flight)

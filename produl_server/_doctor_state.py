@@ -131,8 +131,8 @@ def redis(config: Config) -> Iterator[Check]:
     if config.redis_url is None:
         yield Check(SKIP, f"no redis_url: no fleet quota to check ({REDIS_ENV})")
         return
+    from ._quota import QUOTA_WINDOW  # noqa: PLC0415
     from ._redis import RedisDownError, RedisLink, quota_key, spool_key  # noqa: PLC0415
-    from ._schedule import QUOTA_WINDOW  # noqa: PLC0415
 
     where = f"Redis at {mask_url(config.redis_url)}"
     try:

@@ -21,8 +21,9 @@ import attrs
 from urllib3.util import parse_url
 
 from ._config import Config, is_loopback, key_fingerprint, mask_url
+from ._default_spool import DefaultOutbox
 from ._hostquota import HostQuota, HostWideQuota
-from ._outbox import DefaultOutbox, Outbox, SqliteOutbox, lease_from_env
+from ._outbox import Outbox, SqliteOutbox, lease_from_env
 from ._quota import Quota, RollingQuota
 from ._redis import open_fleet
 from ._spool import Spool, SpoolError

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from produl_server import Produl
-from produl_server import _outbox as durable
+from produl_server import _default_spool as durable
 from produl_server._config import Config, default_spool_path, key_fingerprint
 from produl_server._spool import FILENAME, Spool
 from produl_server.testing import LocalCollector
