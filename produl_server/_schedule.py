@@ -131,7 +131,15 @@ class Schedule:
             if now - failing_since >= self._max_retry_time:
                 return Verdict.GIVE_UP, 0.0, failing_since
         self.failures += 1
-        pause = self.backoff() if retry_after is None else retry_after
+        if retry_after is not None:
+            pause = retry_after
+        else:
+            pause = self.backoff()
+            if failing_since is not None:
+                # The last try falls when the retry time runs out, not up to
+                # one backoff after it: max_retry_time is the bound a user
+                # sees (the CLI's --timeout 3 took 5 s).
+                pause = min(pause, max(0.0, failing_since + self._max_retry_time - now))
         self.not_before = max(self.not_before, now + pause)
         return Verdict.RETRY, pause, failing_since
 

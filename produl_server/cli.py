@@ -316,7 +316,9 @@ def cmd_send(args: argparse.Namespace) -> int:
         client = Produl(
             server_key=args.server_key,
             api_url=args.api_url,
+            # One bound, --timeout: no retry, and no one request, outlives it.
             max_retry_time=args.timeout,
+            request_timeout=min(10.0, args.timeout),
             retry_initial_delay=min(0.5, args.timeout / 4),
             shutdown_timeout=1.0,
             # The exit status says whether it arrived: keeping it for a
@@ -351,19 +353,21 @@ def cmd_send(args: argparse.Namespace) -> int:
                 what = f"pageview {args.path!r}"
         except InvalidEventError as exc:
             raise _UsageError(f"invalid input: {exc}") from None
-        drained = client.flush(timeout=args.timeout + 5.0)
+        # A small margin past --timeout for the last try's answer.
+        client.flush(timeout=args.timeout + 0.5)
         sent = client.stats.sent
     finally:
-        client.shutdown(timeout=1.0)
+        client.shutdown(timeout=0.0)
+    where = mask_url(client.config.api_url)
     if sent >= 1:
-        _out(f"delivered {what} to {mask_url(client.config.api_url)}")
+        _out(f"delivered {what} to {where}")
         return OK
-    if errors:
-        raise CommandError(f"not delivered: {_explain(errors[0])}")
-    if not drained:
-        where = mask_url(client.config.api_url)
-        raise CommandError(f"not delivered within {args.timeout:g} s to {where}")
-    raise CommandError("not delivered")
+    refused = [e for e in errors if getattr(e, "reason", "") in ("unauthorized", "rejected")]
+    if refused:
+        raise CommandError(f"not delivered: {_explain(refused[0])}")
+    # Given up, or still trying at the end: one message, with the cause.
+    cause = worker_of(client).last_failure or "no answer"
+    raise CommandError(f"not delivered within {args.timeout:g} s to {where}: {cause}")
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
@@ -476,8 +480,6 @@ def _explain(error: BaseException) -> str:
     status = getattr(error, "status", None)
     if reason == "unauthorized":
         return f"the collector refused the server key (HTTP {status})"
-    if reason == "retries_exhausted":
-        return f"gave up retrying ({error})"
     return str(error)
 
 

@@ -148,8 +148,23 @@ def test_unreachable_collector_fails_within_the_timeout() -> None:
         "1",
         env={"PRODUL_SERVER_KEY": "sk_test_x", "PRODUL_API_URL": f"http://127.0.0.1:{port}"},
     )
-    assert_one_line_error(result, 1, "not delivered")
+    # One bound and one message, with the cause (issue #23).
+    assert_one_line_error(
+        result, 1, f"not delivered within 1 s to http://127.0.0.1:{port}: ConnectionRefusedError"
+    )
     assert time.monotonic() - started < 30
+
+
+def test_a_collector_that_never_answers_fails_within_the_timeout_with_the_cause(
+    produl_collector: LocalCollector, env: dict[str, str]
+) -> None:
+    produl_collector.hang()
+    try:
+        result = run("event", "signup", "--timeout", "1", env=env)
+    finally:
+        produl_collector.release()
+    assert_one_line_error(result, 1, f"not delivered within 1 s to {produl_collector.url}: ")
+    assert "timed out" in result.stderr.lower() or "timeout" in result.stderr.lower()
 
 
 @pytest.mark.parametrize(

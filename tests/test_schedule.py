@@ -187,6 +187,25 @@ def test_an_event_gives_up_max_retry_time_after_the_outage_began():
     assert verdict is Verdict.GIVE_UP
 
 
+def test_the_last_try_falls_when_the_retry_time_runs_out_not_a_backoff_later():
+    # The CLI's --timeout 3 (max_retry_time) took 5 s: the backoff before the
+    # last try ran past the retry time. It is cut to the time left.
+    schedule = Schedule(
+        config(max_retry_time=3.0, retry_initial_delay=2.0, retry_max_delay=30.0),
+        uniform=lambda low, high: high,
+    )
+    verdict, pause, since = schedule.failed(
+        0.0, rate_limited=False, retry_after=None, failing_since=None
+    )
+    assert (verdict, pause) == (Verdict.RETRY, 2.0)
+    verdict, pause, since = schedule.failed(
+        2.0, rate_limited=False, retry_after=None, failing_since=since
+    )
+    assert (verdict, pause) == (Verdict.RETRY, 1.0)  # the backoff said 4 s
+    verdict, _, _ = schedule.failed(3.0, rate_limited=False, retry_after=None, failing_since=since)
+    assert verdict is Verdict.GIVE_UP
+
+
 def test_in_an_old_outage_a_new_event_gets_one_attempt():
     schedule = Schedule(config(max_retry_time=60.0), uniform=lambda low, high: 0.0)
     schedule.failed(0.0, rate_limited=False, retry_after=None, failing_since=None)
