@@ -17,11 +17,21 @@ run, the bare script first in each round.
 
 The target: at 0, 10 and 50 ms every run delivers 1,000/1,000, at 100 ms
 at least 900/1,000; at every latency the median exit time stays within
-``shutdown_timeout``, with no 429.
+``shutdown_timeout``, with no 429. Each run has a default spool of its own
+(a fresh ``XDG_STATE_HOME``), so one run's leftovers never count in the next.
+
+Then, the same script re-run as a new user would (issue #22), at 0 ms: four
+runs within one minute against the same collector of 2,000 a minute, then a
+fifth once that minute has passed, all sharing one default spool. The
+third and fourth runs find the quota used up and keep their events; the
+target is that the collector has all 4,000 events of the first four runs,
+each once, by the end of the fifth.
 """
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -67,18 +77,30 @@ def _script(directory: Path, name: str, sdk: str, track: str) -> Path:
     return path
 
 
-def _once(script: Path, run: str, timeout: float) -> dict[str, Any]:
+def _once(script: Path, run: str, timeout: float, state: str | None = None) -> dict[str, Any]:
     started = time.monotonic_ns()
-    proc = subprocess.run(
+    with tempfile.TemporaryDirectory(prefix="bench-p8-state-") as fresh:
+        proc = _run(script, run, timeout, state or fresh)
+    ended = time.monotonic_ns()
+    return _figures(script, proc, started, ended)
+
+
+def _run(script: Path, run: str, timeout: float, state: str) -> subprocess.CompletedProcess[str]:
+    """One script run; *state* is its ``XDG_STATE_HOME`` (where its default spool lives)."""
+    return subprocess.run(
         [sys.executable, str(script), run],
         capture_output=True,
         text=True,
-        env=_proc.child_env(),
+        env=_proc.child_env({"XDG_STATE_HOME": state}),
         cwd=_proc.NEUTRAL_CWD,
         timeout=timeout,
         check=False,
     )
-    ended = time.monotonic_ns()
+
+
+def _figures(
+    script: Path, proc: subprocess.CompletedProcess[str], started: int, ended: int
+) -> dict[str, Any]:
     marks: list[int] = []
     where = ""
     for line in proc.stdout.splitlines():
@@ -130,6 +152,55 @@ def measure(runs: int, latencies_ms: list[int]) -> dict[str, Any]:
     return {"runs": out, "count": runs, "events": EVENTS, "collector_limit": COLLECTOR_LIMIT}
 
 
+RERUNS = 4
+#: Seconds the fifth run waits after the last accepted request of the first
+#: four: the collector's bucket is full again after 60.
+QUOTA_MINUTE = 61.0
+
+
+def reruns() -> dict[str, Any]:
+    """Four runs within a minute, then a fifth after it, sharing one default spool."""
+    with tempfile.TemporaryDirectory(prefix="bench-p8-rerun-") as tmp:
+        db = str(Path(tmp) / "events.sqlite3")
+        state = str(Path(tmp) / "state")
+        runs: list[dict[str, Any]] = []
+        with CollectorProcess(rate_limit=COLLECTOR_LIMIT, db=db) as collector:
+            sdk = _SDK.format(key=collector.key, url=collector.url)
+            tracked = _script(Path(tmp), "produl", sdk, _TRACK)
+            started = time.monotonic()
+            for index in range(RERUNS):
+                figures = _once(tracked, f"rerun{index}", 120, state)
+                figures.update(_settled(collector))
+                runs.append(figures)
+            within = time.monotonic() - started
+            time.sleep(max(0.0, started + within + QUOTA_MINUTE - time.monotonic()))
+            figures = _once(tracked, f"rerun{RERUNS}", 120, state)
+            figures.update(_settled(collector))
+            runs.append(figures)
+        delivered = _delivered_by_run(db)
+    first = [f"rerun{index}" for index in range(RERUNS)]
+    return {
+        "runs": runs,
+        "four_runs_s": within,
+        "first_four": sum(len(delivered.get(run, [])) for run in first),
+        "first_four_distinct": sum(len(set(delivered.get(run, []))) for run in first),
+        "fifth_own": len(delivered.get(f"rerun{RERUNS}", [])),
+    }
+
+
+def _delivered_by_run(db: str) -> dict[str, list[int]]:
+    """The event numbers the collector stored, by run (from the visitor id ``run-n``)."""
+    out: dict[str, list[int]] = {}
+    connection = sqlite3.connect(db)
+    try:
+        for visitor, body in connection.execute("SELECT vi, body FROM events"):
+            run = str(visitor).rpartition("-")[0]
+            out.setdefault(run, []).append(int(json.loads(body)["pr"]["i"]))
+    finally:
+        connection.close()
+    return out
+
+
 def curve(raw: dict[str, Any]) -> list[dict[str, Any]]:
     """One summary per latency: delivered, 429s, exit and wall seconds."""
     rows = []
@@ -173,6 +244,27 @@ def run(sizes: Sizes) -> Result:
                 met,
             )
         )
+    again = reruns()
+    raw["reruns"] = again
+    wanted = RERUNS * EVENTS
+    lines.append(
+        Line(
+            "P8",
+            f"{RERUNS} runs within a minute, then a 5th (2,000/min collector)",
+            f"{again['first_four_distinct']:,}/{wanted:,} of the first {RERUNS} arrived "
+            "by the end of the 5th",
+            f"{RERUNS} runs took {again['four_runs_s']:.0f} s",
+            "",
+            "per run: "
+            + ", ".join(
+                f"{r['delivered'] - (again['runs'][i - 1]['delivered'] if i else 0):,}"
+                for i, r in enumerate(again["runs"])
+            )
+            + " arrived",
+            f"{wanted:,}/{wanted:,}, none twice",
+            again["first_four_distinct"] == wanted and again["first_four"] == wanted,
+        )
+    )
     table = rst_table(
         f"Exit curve: median (min..max) of {count} runs per latency",
         ["latency", f"delivered/{EVENTS:,}", "429s", "exit seconds", "whole script seconds"],

@@ -190,12 +190,12 @@ class Accounts:
     def spool(self, items: list[Item], *, caller: bool = False) -> list[Item]:
         """Keep events in the spool instead of dropping them; return those kept.
 
-        Events taken from the spool go back to it; others are written. Each
-        one kept is counted ``spooled``; the rest are left to the caller.
-        *caller*: on a ``track_*`` caller's thread (never Redis there).
+        Taken ones go back; others are written (the default spool's only at the
+        end, #22). Each one kept is counted ``spooled``; the rest are left to the
+        caller. *caller*: on a ``track_*`` caller's thread (never Redis there).
         """
         outbox = self.outbox
-        if outbox is None or not items:
+        if outbox is None or not items or (outbox.exit_only and not self.finished):
             return []
         taken = [item for item in items if item.spool_id is not None]
         fresh = [item for item in items if item.spool_id is None]
@@ -283,7 +283,7 @@ class Accounts:
         leftovers += self.inbox.take_refused()
         leftovers += [Item(*queued) for queued in self.inbox.take_all()]
         leftovers = [item for item in leftovers if not self.ledger.is_handled(item.seq)]
-        kept = {item.seq for item in self.spool(leftovers)}
+        kept = {item.seq for item in self.spool(sorted(leftovers, key=lambda item: item.seq))}
         if kept and self.outbox is not None:
             twice = len(kept & in_flight)
             log.warning(

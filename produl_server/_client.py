@@ -19,7 +19,7 @@ import uuid
 import weakref
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from ._config import BeforeSend, Config, ErrorHook, mask_key, mask_url
 from ._event import PageviewData, encode_event, encode_pageview, encode_wire, pseudonym
@@ -107,7 +107,11 @@ class Produl:
             kept instead of dropped (at the shutdown deadline, when the
             queue is full, out of retry time in an outage); the next client
             that opens it delivers them first. Default: ``PRODUL_SPOOL_DIR``,
-            else no spool.
+            else the default spool: what the exit could not send is kept in
+            ``$XDG_STATE_HOME/produl-server/spool`` (else
+            ``~/.local/state/produl-server/spool``), for a week at most,
+            and the next client with the same key and URL delivers it
+            first. ``False`` (or ``PRODUL_SPOOL_DIR=off``) keeps nothing.
         redis_url: A Redis shared by a fleet behind one IP address
             (``redis://``, ``rediss://`` or ``unix://``; needs
             ``produl-server[redis]``). Every client that uses it paces in
@@ -170,7 +174,7 @@ class Produl:
         verify: bool | str = True,
         shared_quota: bool = True,
         quota_dir: str | os.PathLike[str] | None = None,
-        spool_dir: str | os.PathLike[str] | None = None,
+        spool_dir: str | os.PathLike[str] | Literal[False] | None = None,
         redis_url: str | None = None,
         quota_key: str | None = None,
         before_send: BeforeSend | None = None,

@@ -315,6 +315,53 @@ def _directory(value: Any) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
+def _spool_directory(value: Any) -> Any:
+    """``spool_dir``: a path-like as a string; ``False`` (no spool at all) as None."""
+    return None if value is False else _directory(value)
+
+
+def default_spool_path(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Where a client keeps what its exit could not send, when ``spool_dir`` is not set.
+
+    ``$XDG_STATE_HOME/produl-server/spool``, else
+    ``~/.local/state/produl-server/spool`` (on Windows,
+    ``%LOCALAPPDATA%\\produl-server\\spool``): private to the user, and kept
+    across reboots, unlike a runtime or temp directory.
+
+    Args:
+        environ: Where to read ``XDG_STATE_HOME`` and ``HOME`` from.
+
+    Returns:
+        The directory (it may not exist yet), or None when the user has no
+        home directory to keep it in.
+    """
+    if os.name == "nt":  # pragma: no cover - the tests run on POSIX
+        base = environ.get("LOCALAPPDATA", "")
+        return os.path.join(base, "produl-server", "spool") if os.path.isabs(base) else None
+    state = environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state):  # the XDG spec: a relative one is to be ignored
+        home = environ.get("HOME") or os.path.expanduser("~")
+        if not os.path.isabs(home):
+            return None
+        state = os.path.join(home, ".local", "state")
+    return os.path.join(state, "produl-server", "spool")
+
+
+def _spool_options(options: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """``spool_dir`` from ``PRODUL_SPOOL_DIR`` (``off``: no spool), else the default spool.
+
+    With no spool asked for, nor turned off, the exit keeps its leftovers in
+    the user's default spool (issue #22); a fleet (``redis_url``, already
+    read) spools in Redis instead.
+    """
+    spool = options.get("spool_dir")
+    if spool is None and environ.get(SPOOL_ENV):
+        text = environ[SPOOL_ENV]
+        spool = options["spool_dir"] = False if text.strip().lower() in _FALSE_WORDS else text
+    if spool is None and options.get("redis_url") is None:
+        options.setdefault("default_spool_dir", default_spool_path(environ))
+
+
 def _default_properties(value: Any) -> dict[str, Any] | None:
     """Validate and snapshot ``default_properties`` once, as ``track_event`` would."""
     from ._event import clean_properties  # noqa: PLC0415 -- _event imports nothing of ours back
@@ -447,6 +494,10 @@ class Config:
         quota_dir: Where the shared quota's file lives; None for the user's
             runtime or temp directory.
         spool_dir: Where to keep what cannot be sent in time, or None.
+        default_spool_dir: Where the exit keeps what it could not send when
+            there is no ``spool_dir`` (``$XDG_STATE_HOME/produl-server/spool``), or
+            None: off (``spool_dir=False``, ``PRODUL_SPOOL_DIR=off``, a
+            ``redis_url``, or a config not built by :meth:`from_env`).
         redis_url: The Redis that holds a fleet's quota and spool, or None.
         quota_key: Names the Redis quota window, for clients that share an
             address but not an ``api_url``; None: the ``api_url``.
@@ -485,6 +536,9 @@ class Config:
         default=None, converter=_directory, validator=_check_directory
     )
     spool_dir: str | None = attrs.field(
+        default=None, converter=_spool_directory, validator=_check_directory
+    )
+    default_spool_dir: str | None = attrs.field(
         default=None, converter=_directory, validator=_check_directory
     )
     redis_url: str | None = attrs.field(
@@ -537,13 +591,13 @@ class Config:
         if api_url is None:
             api_url = environ.get(URL_ENV) or DEFAULT_API_URL
         for option, name in (
-            ("spool_dir", SPOOL_ENV),
             ("quota_dir", QUOTA_DIR_ENV),
             ("redis_url", REDIS_ENV),
             ("quota_key", QUOTA_KEY_ENV),
         ):
             if options.get(option) is None and environ.get(name):
                 options[option] = environ[name]
+        _spool_options(options, environ)
         if options.get("visitor_id_secret") is None and environ.get(VISITOR_SECRET_ENV):
             options["visitor_id_secret"] = environ[VISITOR_SECRET_ENV]
         if options.get("enabled") is None:

@@ -5,6 +5,8 @@ dropped, and any later client that opens it delivers it first. The sender
 uses every spool through :class:`Outbox`, whatever holds it:
 
 - :class:`SqliteOutbox`: ``spool_dir``, an SQLite file (:mod:`._spool`);
+- :class:`~._default_spool.DefaultOutbox`: no ``spool_dir``: the user's
+  default spool, an SQLite file too, that only the exit writes to (#22);
 - :class:`~._redis.FleetOutbox`: ``redis_url``, a Stream in Redis, with
   ``spool_dir`` as its fallback while Redis does not answer.
 
@@ -45,6 +47,9 @@ class Outbox(Protocol):
     lease: float
     #: Events this outbox moved to the quarantine.
     quarantined: int
+    #: True: only the exit writes to it (the default spool), so a full
+    #: queue or an outage drops events as it would without a spool.
+    exit_only: bool
 
     def keep(self, items: Iterable[tuple[bytes, str | None]], *, caller: bool = False) -> int:
         """Spool events; return how many were kept (*caller*: on a ``track_*`` thread)."""
@@ -91,13 +96,22 @@ class SqliteOutbox:
         spool: The open spool.
     """
 
+    exit_only = False
+
     def __init__(self, spool: Spool, lease: float = SPOOL_LEASE) -> None:
-        self.spool = spool
+        self._spool: Spool | None = spool
         self.lease = lease
         self.directory = str(spool.directory)
         #: Rows this outbox moved to the quarantine.
         self.quarantined = 0
         self._reported: set[str] = set()
+
+    @property
+    def spool(self) -> Spool:
+        """The open spool (raises :class:`SpoolError` when it cannot be had)."""
+        if self._spool is None:  # pragma: no cover - only DefaultOutbox opens late
+            raise SpoolError(f"the spool at {self.directory} is not open")
+        return self._spool
 
     def keep(self, items: Iterable[tuple[bytes, str | None]], *, caller: bool = False) -> int:
         """Write events to the spool; return how many it took (0 on failure).

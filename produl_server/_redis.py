@@ -490,6 +490,9 @@ class FleetOutbox:
     each event came from. Failures are logged, never raised.
     """
 
+    #: Spools in an outage and for a full queue too (see ``Outbox``).
+    exit_only = False
+
     def __init__(self, link: RedisLink, spool: RedisSpool, local: SqliteOutbox | None) -> None:
         self.link = link
         self.spool = spool

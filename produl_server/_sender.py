@@ -170,7 +170,10 @@ class ThreadSender:
             if limit > 1 and limit > self._lanes.count():
                 self._lanes.grow(limit, transport)
                 limit = self._limit()
-            self._fill(limit)
+            # The spool's older events first, also while exiting (issue #22):
+            # none of the queue's is taken while a look may still find some.
+            if not (hands.idle() and self._from_spool(now)) and not self._spool_due(now):
+                self._fill(limit)
             if not hands.waiting():
                 return None if hands.in_flight() else 0.0
             pause = self._send_next(limit)
@@ -184,18 +187,37 @@ class ThreadSender:
         return self._acc.schedule.batching.due_in(now, waiting, first_at, last_at)
 
     def _from_spool(self, now: float) -> bool:
-        """Take spooled events to send first, when it is time to look; True if any."""
+        """Take spooled events to send first, when it is time to look; True if any.
+
+        They are older, so they go before the queue's, as long as the queue
+        is at most half full (issue #22).
+        """
         acc = self._acc
         if acc.outbox is None or now < self._spool_next or self._too_late(now):
+            return False
+        if acc.inbox.waiting() > acc.config.max_queue_size // 2:
             return False
         items = acc.take_spooled()
         # Again at once while the spool has events, else in a while: another
         # process may spool some meanwhile.
         self._spool_next = now if items else now + self._recheck()
         self._backlog = bool(items)
+        if items:
+            # They were accepted after what is queued, which the drain
+            # target must still cover (it counts by acceptance).
+            self._drain_to = max(self._drain_to, acc.ledger.accepted)
         self._hands.add(items)
         self._mail.looked(acc.ledger.accepted if items else 0)
         return bool(items)
+
+    def _spool_due(self, now: float) -> bool:
+        """Whether the spool may hold events and is due for a look (queue at most half full)."""
+        acc = self._acc
+        return (
+            self._backlog
+            and now >= self._spool_next
+            and acc.inbox.waiting() <= acc.config.max_queue_size // 2
+        )
 
     def _pulled_to(self) -> int:
         # Everything accepted and no longer in the queue was pulled.

@@ -50,6 +50,10 @@ Leases use the wall clock (``time.time()``), the only clock that means the
 same in every process. A clock stepped forward expires leases early (more
 duplicates, never a loss); one stepped back delays re-claiming.
 
+An event stored by a spool opened with ``max_age`` carries its expiry, and
+:meth:`Spool.expire` drops the events (of every URL and key) whose time is
+up: the default spool's bound in time (issue #22). Others never expire.
+
 Bounds: at most ``max_events`` events in the file (all keys together, one
 million by default); :meth:`Spool.add` stores what fits and returns how many
 it stored. ``max_bytes``, when given, caps the database file itself (through
@@ -92,7 +96,7 @@ DEFAULT_BUSY_TIMEOUT = 2.0
 
 #: "PRDL": marks the file as a produl spool (``PRAGMA application_id``).
 _APPLICATION_ID = 0x5052444C
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA_1 = """
 CREATE TABLE events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -123,6 +127,12 @@ CREATE TABLE quarantine (
     reason TEXT NOT NULL,
     at REAL NOT NULL
 );
+"""
+#: From schema 2 to 3: when each event may be dropped unsent (issue #22: the
+#: default spool keeps events for a bounded time; ``NULL``: never).
+_SCHEMA_3 = """
+ALTER TABLE events ADD COLUMN expires REAL;
+CREATE INDEX events_by_expiry ON events (expires) WHERE expires IS NOT NULL
 """
 _SQLITE_FULL = 13
 _SQLITE_NOTADB = 26
@@ -181,6 +191,8 @@ class Spool:
         max_events: The most events the file holds, all keys together.
         max_bytes: If given, the largest the database file may grow.
         busy_timeout: Seconds to wait for another process's transaction.
+        max_age: If given, the seconds an event stored by :meth:`add` may
+            wait; :meth:`expire` drops it after that, sent or not.
 
     Raises:
         SpoolError: If the directory cannot be created or written, or the file
@@ -196,9 +208,16 @@ class Spool:
         max_events: int = DEFAULT_MAX_EVENTS,
         max_bytes: int | None = None,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        max_age: float | None = None,
     ) -> None:
-        if max_events < 0 or (max_bytes is not None and max_bytes <= 0) or busy_timeout < 0:
-            raise ValueError("max_events, max_bytes and busy_timeout must be positive")
+        if (
+            max_events < 0
+            or (max_bytes is not None and max_bytes <= 0)
+            or (max_age is not None and max_age <= 0)
+            or busy_timeout < 0
+        ):
+            raise ValueError("max_events, max_bytes, max_age and busy_timeout must be positive")
+        self.max_age = max_age
         self.directory = os.fspath(directory)
         self.path = os.path.join(self.directory, FILENAME)
         self.key = key
@@ -222,6 +241,7 @@ class Spool:
         Stores at most as many as fit under ``max_events``; the rest of
         ``items`` is not stored (nor consumed). Returns how many were stored.
         """
+        expires = None if self.max_age is None else time.time() + self.max_age
         with self._transaction("store events in") as db:
             total = int(db.execute("SELECT events FROM totals").fetchone()[0])
             stored = 0
@@ -229,8 +249,9 @@ class Spool:
                 if total + stored >= self.max_events:
                     break
                 db.execute(
-                    "INSERT INTO events (key, owner, body, visitor) VALUES (?, ?, ?, ?)",
-                    (self.key, self.owner, body, visitor),
+                    "INSERT INTO events (key, owner, body, visitor, expires)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (self.key, self.owner, body, visitor, expires),
                 )
                 stored += 1
             return stored
@@ -307,6 +328,16 @@ class Spool:
                 "UPDATE events SET lease_until = ? WHERE id = ? AND claimer = ?",
                 [(until, i, self._claimer) for i in ids],
             )
+            return max(cursor.rowcount, 0)
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop the events of every URL and key whose time is up; return how many.
+
+        Only events stored with a ``max_age`` have one (the default spool's).
+        """
+        now = time.time() if now is None else now
+        with self._transaction("drop old events from") as db:
+            cursor = db.execute("DELETE FROM events WHERE expires <= ?", (now,))
             return max(cursor.rowcount, 0)
 
     def count(self) -> int:
@@ -479,13 +510,16 @@ class Spool:
         if empty and app_id == 0 and version == 0:
             _run(db, _SCHEMA_1)
             db.execute(f"PRAGMA application_id={_APPLICATION_ID}")
-        elif app_id != _APPLICATION_ID or version != 1:
+        elif app_id != _APPLICATION_ID or version not in (1, 2):
             raise SpoolError(
                 f"cannot open the spool at {self.directory}: {self.path} is not"
                 " a produl spool (or is from another version); move it away"
             )
-        # Schema 1 to 2: its rows keep no owner, and no client takes them.
-        _run(db, _SCHEMA_2)
+        if version < 2:
+            # Schema 1 to 2: its rows keep no owner, and no client takes them.
+            _run(db, _SCHEMA_2)
+        # Schema 2 to 3: rows stored before keep no expiry.
+        _run(db, _SCHEMA_3)
         db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
 

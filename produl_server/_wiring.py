@@ -11,7 +11,8 @@ tests can hand it their own, and a disabled client opens nothing.
   address). With ``redis_url`` the window is a fleet's, in Redis, and the
   host's is its fallback.
 - The outbox (:mod:`._outbox`): ``spool_dir``'s SQLite file, or with
-  ``redis_url`` a Stream in Redis with ``spool_dir`` as its fallback.
+  ``redis_url`` a Stream in Redis with ``spool_dir`` as its fallback, or
+  else the user's default spool, written only at exit (issue #22).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import attrs
 from urllib3.util import parse_url
 
 from ._config import Config, is_loopback, key_fingerprint, mask_url
+from ._default_spool import DefaultOutbox
 from ._hostquota import HostQuota, HostWideQuota
 from ._outbox import Outbox, SqliteOutbox, lease_from_env
 from ._quota import Quota, RollingQuota
@@ -77,7 +79,10 @@ def open_outbox(config: Config) -> SqliteOutbox | None:
             a file, a damaged database); the message is one line.
     """
     if config.spool_dir is None:
-        return None
+        if config.default_spool_dir is None:
+            return None
+        # Opened lazily, and never an error: see DefaultOutbox.
+        return DefaultOutbox(config, config.default_spool_dir, lease_from_env())
     lease = lease_from_env()
     try:
         owner = key_fingerprint(config.server_key)

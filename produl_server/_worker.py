@@ -121,7 +121,7 @@ class Worker:
         sender = self._sender
         if sender is None and not self._sync:
             sender = self._start()
-        if acc.outbox is None and acc.inbox.full():
+        if (acc.outbox is None or acc.outbox.exit_only) and acc.inbox.full():
             # Full, and nowhere to spool: refused before any object is made,
             # at the cost of an accepted call (P10), however long it lasts.
             self._door.refuse_full(body)
@@ -152,7 +152,7 @@ class Worker:
         """
         acc = self._acc
         sender = self._sender
-        if sender is not None:
+        if sender is not None and not (acc.outbox is not None and acc.outbox.exit_only):
             waiting = acc.inbox.refused(item)
             if waiting == 1:
                 sender.wake.set()

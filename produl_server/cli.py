@@ -321,6 +321,9 @@ def cmd_send(args: argparse.Namespace) -> int:
             request_timeout=min(10.0, args.timeout),
             retry_initial_delay=min(0.5, args.timeout / 4),
             shutdown_timeout=1.0,
+            # The exit status says whether it arrived: keeping it for a
+            # later run too would send it twice when the user tries again.
+            spool_dir=False,
             on_error=lambda error, event: errors.append(error),
             enabled=True,  # a command asked to send: PRODUL_ENABLED=0 is for apps
         )

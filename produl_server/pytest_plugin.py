@@ -68,6 +68,8 @@ def produl(produl_collector: LocalCollector) -> Iterator[Produl]:
         api_url=produl_collector.url,
         flush_at=1,
         enabled=True,
+        # A test's leftovers belong to no later run: nothing in the user's home.
+        spool_dir=False,
     )
     try:
         yield client

@@ -75,6 +75,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+@pytest.fixture(autouse=True)
+def _own_default_spool(monkeypatch, tmp_path_factory):
+    """Give each test (and the processes it starts) a default spool of its own.
+
+    Clients keep what their exit could not send in the user's default spool
+    (``$XDG_STATE_HOME/produl-server/spool``), and the next client with the
+    same key and URL sends it first: with one home for the whole run, a
+    test's leftovers would arrive in the next test that uses the session's
+    collector, and the real home would fill up.
+    """
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+    monkeypatch.delenv("PRODUL_SPOOL_DIR", raising=False)
+
+
 @pytest.fixture(name="hung_collector")
 def _hung_collector():
     """A collector of its own that never answers; stopped, never released.

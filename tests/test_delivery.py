@@ -265,6 +265,7 @@ def test_a_burst_within_the_quota_goes_at_once_and_the_rest_waits_for_the_window
             api_url=collector.url,
             max_requests_per_minute=10,
             flush_interval=600,
+            spool_dir=False,  # the loss at shutdown is the point
         )
         try:
             for i in range(15):
@@ -430,7 +431,7 @@ def test_shutdown_is_idempotent_and_later_events_are_reported(produl_collector, 
 
 
 def test_shutdown_reports_what_it_could_not_deliver(hung_collector, make_client, caplog):
-    produl = make_client(flush_interval=600, api_url=hung_collector.url)
+    produl = make_client(flush_interval=600, api_url=hung_collector.url, spool_dir=False)
     for i in range(3):
         produl.track_event("e", {"i": i}, visitor_id="v")
     with caplog.at_level(logging.WARNING, logger="produl_server"):
@@ -525,6 +526,7 @@ def test_events_lost_at_the_shutdown_deadline_reach_the_hook(hung_collector, mak
         api_url=hung_collector.url,
         flush_interval=600,
         on_error=lambda e, ev: reported.append((e.reason, ev["pr"]["i"])),
+        spool_dir=False,
     )
     for i in range(3):
         produl.track_event("e", {"i": i}, visitor_id="v")

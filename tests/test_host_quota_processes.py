@@ -36,6 +36,8 @@ def burst(collector, tmp_path, *, processes, count, limit, shared, budget=15):
         "PRODUL_QUOTA_DIR": str(tmp_path / "quota"),
         "PYTHONPATH": ":".join(sys.path),
         "PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin",
+        # The test's own default spool (conftest), never the real home.
+        "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"],
     }
     (tmp_path / "quota").mkdir(mode=0o700, exist_ok=True)
     args = [str(count), str(limit), str(int(shared)), str(budget)]

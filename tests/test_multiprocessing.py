@@ -8,6 +8,7 @@ own finalizers, so no ``atexit`` handler of theirs runs).
 from __future__ import annotations
 
 import collections
+import os
 import subprocess
 import sys
 import textwrap
@@ -67,6 +68,8 @@ def run(tmp_path, collector, method, shape):
         "PRODUL_API_URL": collector.url,
         "PYTHONPATH": ":".join(sys.path),
         "PATH": "/usr/bin:/bin",
+        # The test's own default spool (conftest), never the real home.
+        "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"],
     }
     return subprocess.run(
         [sys.executable, str(script), method, shape],

@@ -236,7 +236,7 @@ def test_the_loss_line_names_the_last_cause(produl_collector):
     # Issue #23: with the collector down the line said what was lost, not why.
     result, _ = run_script(
         """
-        produl = Produl(shutdown_timeout=1.0, flush_interval=600)
+        produl = Produl(shutdown_timeout=1.0, flush_interval=600, spool_dir=False)
         for i in range(3):
             produl.track_event("stuck", visitor_id="v")
         """,
@@ -252,7 +252,7 @@ def test_the_loss_line_names_the_last_cause(produl_collector):
 def test_the_loss_line_says_until_when_the_quota_is_used_up(produl_collector):
     result, _ = run_script(
         """
-        produl = Produl(shutdown_timeout=1.0, max_requests_per_minute=2)
+        produl = Produl(shutdown_timeout=1.0, max_requests_per_minute=2, spool_dir=False)
         for i in range(5):
             produl.track_event("over", visitor_id="v")
         """,

@@ -47,6 +47,8 @@ def pod_env(home, api_url, server_key, redis_url=None, **extra):
         "TMPDIR": str(home / "tmp"),
         "PYTHONPATH": ":".join(sys.path),
         "PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin",
+        # The test's own default spool (conftest), never the real home.
+        "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"],
         "PYTHONUNBUFFERED": "1",
     }
     if redis_url is not None:

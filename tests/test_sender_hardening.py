@@ -8,6 +8,7 @@ subprocess for what happens at exit.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -148,6 +149,7 @@ def test_stats_add_up_after_a_lossy_shutdown(hung_collector, make_client):
         api_url=hung_collector.url,
         flush_interval=600,
         on_error=lambda e, ev: reported.append(e.reason),
+        spool_dir=False,
     )
     for i in range(3):
         produl.track_event("e", {"i": i}, visitor_id="v")
@@ -190,7 +192,12 @@ def test_shutdown_from_the_hook_lets_the_sender_deliver_until_the_deadline(
 
 
 def run_script(code: str, *env_pairs: tuple[str, str], timeout: float = 60):
-    env = {"PYTHONPATH": ":".join(sys.path), "PATH": "/usr/bin:/bin"}
+    env = {
+        "PYTHONPATH": ":".join(sys.path),
+        "PATH": "/usr/bin:/bin",
+        # The test's own default spool (conftest), never the real home.
+        "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"],
+    }
     env.update(dict(env_pairs))
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
@@ -210,7 +217,7 @@ def test_a_loss_at_exit_reaches_stderr_with_no_logging_configured():
         f"""
         from produl_server import Produl
         produl = Produl(server_key="sk_test_key_0000", api_url="http://127.0.0.1:{port}",
-                        shutdown_timeout=0.5)
+                        shutdown_timeout=0.5, spool_dir=False)
         for i in range(20):
             produl.track_event("e", {{"i": i}}, visitor_id="v")
         """

@@ -35,6 +35,7 @@ class FakeSpool:
     directory = "the fake spool"
     lease = 60.0
     quarantined = 0
+    exit_only = False
 
     def __init__(self, numbers=()):
         self.rows = {}

@@ -26,6 +26,8 @@ def env_for(collector, **extra):
         "PRODUL_API_URL": collector.url,
         "PYTHONPATH": ":".join(sys.path),
         "PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin",
+        # The test's own default spool (conftest), never the real home.
+        "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"],
     }
     env.update(extra)
     return env

@@ -48,6 +48,8 @@ def run_drain(collector, key, *options, api_url=None):
         "PRODUL_API_URL": api_url or collector.url,
         "PYTHONPATH": ":".join(sys.path),
         "PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin",
+        # The test's own default spool (conftest), never the real home.
+        "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"],
     }
     return subprocess.run(
         [sys.executable, "-m", "produl_server", "drain", *options, "--timeout", "20"],
