@@ -18,6 +18,10 @@ quota file (a ``quota_dir`` of the child's own, as in production), with it
 from the window in a local ``redis-server`` (a round trip per request). The
 two run back to back in each round, in turn first, and the ratio judged is
 the median of the rounds' ratios, with its min..max.
+
+One more subject sets a ``before_send`` hook (it looks at one property and
+returns the event) and four ``default_properties``: what those options cost
+a call, reported beside the plain figure.
 """
 
 from __future__ import annotations
@@ -46,6 +50,20 @@ PACED = "produl, host quota"
 REDIS = "produl, redis_url"
 #: A pace that never binds, so the sender takes from the quota per request.
 UNBOUND_RATE = 1_000_000
+#: produl with a before_send hook and four default properties (issue #20).
+HOOKED = "produl, before_send + default_properties"
+DEFAULTS = {
+    "environment": "production",
+    "release": "2026.12.1",
+    "service": "billing",
+    "region": "eu",
+}
+
+
+def _redact(event: dict[str, Any]) -> dict[str, Any]:
+    """A typical before_send: drop one property if present, keep the event."""
+    event.get("pr", {}).pop("email", None)
+    return event
 
 
 def child(
@@ -58,10 +76,12 @@ def child(
     client: _sdks.Client | None = None
     track: Callable[[str], None]
     scratch = contextlib.ExitStack()
-    if subject in (*_sdks.ALL, PACED, REDIS):
+    if subject in (*_sdks.ALL, PACED, REDIS, HOOKED):
         options: dict[str, Any] = {}
-        if subject == _sdks.PRODUL:
+        if subject in (_sdks.PRODUL, HOOKED):
             options["max_requests_per_minute"] = None
+        if subject == HOOKED:
+            options.update(before_send=_redact, default_properties=DEFAULTS)
         elif subject == PACED:
             options["max_requests_per_minute"] = UNBOUND_RATE
             options["quota_dir"] = scratch.enter_context(
@@ -70,7 +90,7 @@ def child(
         elif subject == REDIS:
             options["max_requests_per_minute"] = UNBOUND_RATE
             options["redis_url"] = redis_url
-        kind = _sdks.PRODUL if subject in (PACED, REDIS) else subject
+        kind = _sdks.PRODUL if subject in (PACED, REDIS, HOOKED) else subject
         client = _sdks.make(kind, url, key, max_queue_size=total + 1000, **options)
         track = client.track
     else:
@@ -174,7 +194,7 @@ def run(sizes: Sizes, peers: list[str]) -> Result:
     pair = [] if no_redis else [PACED, REDIS]
     if no_redis:
         print(f"bench: warning: P1 without its redis_url line: {no_redis}", file=sys.stderr)
-    raw = measure(sizes, [_sdks.PRODUL, *peers, *pair])
+    raw = measure(sizes, [_sdks.PRODUL, HOOKED, *peers, *pair])
     med = {s: Summary.of(r["medians_ns"]).scaled(1e-3) for s, r in raw.items()}
     p99 = {s: Summary.of(r["p99s_ns"]).scaled(1e-3) for s, r in raw.items()}
     ours = med[_sdks.PRODUL]
@@ -210,6 +230,18 @@ def run(sizes: Sizes, peers: list[str]) -> Result:
         ),
     ]
     lines.append(_redis_line(med, raw, no_redis))
+    lines.append(
+        Line(
+            "P1",
+            "caller cost with before_send and 4 default properties, median per call",
+            med[HOOKED].show("µs"),
+            f"without them {ours.show('µs')}",
+            "",
+            f"{ratio(med[HOOKED].median, ours.median):.2f}x without",
+            "(reported)",
+            None,
+        )
+    )
     notes = [
         "\n\n".join((__doc__ or "").split("\n\n")[1:]).strip(),
         f"{sizes.p1_rounds} rounds of {sizes.p1_calls:,} calls per subject, each round in "
