@@ -342,8 +342,8 @@ def test_sigterm_ends_the_process_soon_after_stopped(tmp_path: pathlib.Path) -> 
         )
     )
     held: list[socket.socket] = []
+    pool = urllib3.PoolManager(retries=False, timeout=10.0)
     try:
-        pool = urllib3.PoolManager(retries=False, timeout=10.0)
         event = {"t": "pv", "p": "/", "u": "https://x/", "vi": "v1"}
         assert post(pool, collector.url, event) == 204
         for body in (
@@ -358,6 +358,7 @@ def test_sigterm_ends_the_process_soon_after_stopped(tmp_path: pathlib.Path) -> 
         # Generous for a loaded machine; it took about 0.02 s here.
         collector.proc.wait(10.0)
     finally:
+        pool.clear()  # its kept-alive connection, closed now rather than by the GC
         for sock in held:
             sock.close()
         collector.stop()
