@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ._signals import leave_signals_to_others
+from ._signals import leave_signals_to_others, start_thread
 
 __all__ = ["Deadlines", "Watch"]
 
@@ -46,6 +46,7 @@ class Deadlines:
         self._watches: set[Watch] = set()
         self._pid = 0
         self._next_wake = 0.0
+        self._watching = False
 
     def start(self, seconds: float, end: Callable[[], object]) -> Watch:
         """Watch a call that must end within *seconds*; *end* ends it if not."""
@@ -56,7 +57,11 @@ class Deadlines:
                 self._watches = set()
                 self._wake = threading.Condition(self._lock)
                 self._next_wake = 0.0
-                threading.Thread(target=self._run, name=self._name, daemon=True).start()
+                self._watching = start_thread(self._run, self._name)
+            if not self._watching:
+                # No thread could start (interpreter exit on Python 3.12+):
+                # the call is bounded by its socket timeouts alone.
+                return watch
             self._watches.add(watch)
             if watch.deadline < self._next_wake:
                 self._next_wake = watch.deadline

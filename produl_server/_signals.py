@@ -16,8 +16,10 @@ thread that caused them (``SIGSEGV`` and alike) are left alone.
 from __future__ import annotations
 
 import signal
+import threading
+from collections.abc import Callable
 
-__all__ = ["leave_signals_to_others"]
+__all__ = ["leave_signals_to_others", "start_thread"]
 
 _NAMES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD")
 _ASYNC = frozenset(getattr(signal, name) for name in _NAMES if hasattr(signal, name))
@@ -29,3 +31,16 @@ def leave_signals_to_others() -> None:
     if block is None:  # pragma: no cover - Windows: no per-thread masks
         return
     block(signal.SIG_BLOCK, _ASYNC)
+
+
+def start_thread(target: Callable[[], object], name: str) -> bool:
+    """Start a daemon thread; False where none can start.
+
+    From Python 3.12 no thread starts once the interpreter is shutting
+    down, and a client's first request may come only then (at exit).
+    """
+    try:
+        threading.Thread(target=target, name=name, daemon=True).start()
+    except RuntimeError:
+        return False
+    return True

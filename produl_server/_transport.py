@@ -32,7 +32,7 @@ from urllib3.util import parse_url
 
 from ._config import Config, exit_lanes, is_loopback, mask_url, proxy_credentials
 from ._protocol import COLLECT_PATH, KEY_HEADER
-from ._signals import leave_signals_to_others
+from ._signals import leave_signals_to_others, start_thread
 from ._version import __version__
 
 log = logging.getLogger("produl_server")
@@ -323,6 +323,7 @@ class _Watchdog:
         self._local = threading.local()
         self._pid = 0
         self._next_wake = 0.0
+        self._watching = False
 
     def start(self, deadline: float) -> _Watch:
         watch = _Watch(deadline)
@@ -332,9 +333,11 @@ class _Watchdog:
                 self._pid = os.getpid()
                 self._watches = set()
                 self._wake = threading.Condition(self._lock)
-                threading.Thread(
-                    target=self._run, name="produl-server.deadlines", daemon=True
-                ).start()
+                self._watching = start_thread(self._run, "produl-server.deadlines")
+            if not self._watching:
+                # No thread could start (interpreter exit on Python 3.12+):
+                # the request is bounded by its per-read timeouts alone.
+                return watch
             self._watches.add(watch)
             if deadline < self._next_wake:
                 # Woken only for a deadline before the one it waits for:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -314,6 +315,15 @@ def test_a_script_ending_with_a_backlog_at_real_latency_delivers_it_all_at_exit(
             ("PRODUL_API_URL", collector.url),
         )
         assert result.returncode == 0, result.stderr
-        assert "not delivered" not in result.stderr
-        assert sorted(e["pr"]["i"] for e in collector.events) == list(range(400))
         assert 429 not in [r.status for r in collector.requests]
+        if sys.version_info < (3, 12):
+            assert "not delivered" not in result.stderr
+            assert sorted(e["pr"]["i"] for e in collector.events) == list(range(400))
+            return
+        # From Python 3.12 no thread starts at exit, so no lane opens there:
+        # what the sender alone cannot send in 5 s is spooled, not lost.
+        assert "they are lost" not in result.stderr
+        spooled = re.search(r"(\d+) event\(s\) not delivered .* were spooled", result.stderr)
+        assert spooled, result.stderr
+        delivered = {e["pr"]["i"] for e in collector.events}
+        assert len(delivered) + int(spooled[1]) >= 400
