@@ -320,10 +320,9 @@ def test_a_script_ending_with_a_backlog_at_real_latency_delivers_it_all_at_exit(
             assert "not delivered" not in result.stderr
             assert sorted(e["pr"]["i"] for e in collector.events) == list(range(400))
             return
-        # From Python 3.12 no thread starts at exit, so no lane opens there:
-        # what the sender alone cannot send in 5 s is spooled, not lost.
+        # From Python 3.12 no thread may start at exit, so lanes may not open
+        # there: what the sender cannot send in 5 s is spooled, not lost.
         assert "they are lost" not in result.stderr
         spooled = re.search(r"(\d+) event\(s\) not delivered .* were spooled", result.stderr)
-        assert spooled, result.stderr
         delivered = {e["pr"]["i"] for e in collector.events}
-        assert len(delivered) + int(spooled[1]) >= 400
+        assert len(delivered) + (int(spooled[1]) if spooled else 0) >= 400, result.stderr
