@@ -389,7 +389,9 @@ def test_sync_mode_sends_on_the_callers_thread(produl_collector, make_client):
     # Delivered before track_event returned, and no thread was started.
     assert [e["n"] for e in produl_collector.events] == ["now"]
     assert sender_threads() == []
-    produl_collector.fail_next(1, status=500)
+    # A fixed pause (Retry-After), not a jittered backoff that a slow
+    # machine may outlast before the call returns: it stays pending.
+    produl_collector.fail_next(1, status=503, retry_after=2)
     produl.track_event("later", visitor_id="v")
     assert produl.stats.pending == 1
     assert produl.flush(timeout=10)
