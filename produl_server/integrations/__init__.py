@@ -61,6 +61,35 @@ VisitorId = str | int
 _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 
 
+@attrs.frozen
+class JobOptions:
+    """What a task-queue integration's ``connect()`` was last told (RQ, Dramatiq, Huey, arq)."""
+
+    flush_after_job: bool = False
+    shutdown_timeout: float | None = None
+
+
+def flush_deadline(clients: list[Produl], budget: float | None) -> tuple[float, float]:
+    """The shared *budget* (default: the clients' largest ``shutdown_timeout``) and its deadline."""
+    if budget is None:
+        budget = max(client.config.shutdown_timeout for client in clients)
+    return budget, time.monotonic() + budget
+
+
+def report_flush(client: Produl, done: bool, why: str, budget: float) -> None:
+    """Warn about the events a flush left queued.
+
+    False with nothing pending means drops, each already logged and reported.
+    """
+    if not done and client.stats.pending:
+        log.warning(
+            "produl_server: %d event(s) still pending after the %s flush (%.1f s budget)",
+            client.stats.pending,
+            why,
+            budget,
+        )
+
+
 def flush_clients(clients: list[Produl], budget: float | None, why: str) -> None:
     """Flush *clients* within one shared *budget*, as a worker process ends or a job does.
 
@@ -75,23 +104,14 @@ def flush_clients(clients: list[Produl], budget: float | None, why: str) -> None
     """
     if not clients:
         return
-    if budget is None:
-        budget = max(client.config.shutdown_timeout for client in clients)
-    deadline = time.monotonic() + budget
+    budget, deadline = flush_deadline(clients, budget)
     for client in clients:
         try:
             done = client.flush(max(0.0, deadline - time.monotonic()))
         except Exception:
             log.exception("produl_server: flush at %s failed", why)
             continue
-        # False with nothing pending: drops, each already logged and reported.
-        if not done and client.stats.pending:
-            log.warning(
-                "produl_server: %d event(s) still pending after the %s flush (%.1f s budget)",
-                client.stats.pending,
-                why,
-                budget,
-            )
+        report_flush(client, done, why, budget)
 
 
 def quote_path(path: str) -> str:

@@ -43,11 +43,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import attrs
 from arq.worker import Worker
 
 from .._client import Produl
 from .._jobs import enter_job, leave_job
+from . import JobOptions, flush_deadline, report_flush
 
 __all__ = ["connect", "disconnect"]
 
@@ -60,13 +60,7 @@ _original: Callable[..., None] | None = None
 Hook = Callable[[dict[Any, Any]], Awaitable[Any]]
 
 
-@attrs.frozen
-class _Options:
-    flush_after_job: bool = False
-    shutdown_timeout: float | None = None
-
-
-_options = _Options()
+_options = JobOptions()
 
 
 def connect(
@@ -94,7 +88,7 @@ def connect(
     with _lock:
         if not any(known is client for known in _clients):
             _clients.append(client)
-        _options = _Options(flush_after_job, shutdown_timeout)
+        _options = JobOptions(flush_after_job, shutdown_timeout)
         if _original is None:
             _original = Worker.__init__
             Worker.__init__ = _wrap(_original)
@@ -190,9 +184,7 @@ async def _aflush_all(budget: float | None, why: str) -> None:
         clients = list(_clients)
     if not clients:
         return
-    if budget is None:
-        budget = max(client.config.shutdown_timeout for client in clients)
-    deadline = time.monotonic() + budget
+    budget, deadline = flush_deadline(clients, budget)
     for client in clients:
         try:
             done = await client.aflush(max(0.0, deadline - time.monotonic()))
@@ -202,10 +194,4 @@ async def _aflush_all(budget: float | None, why: str) -> None:
         except Exception:
             log.exception("produl_server: flush at %s failed", why)
             continue
-        if not done:
-            log.warning(
-                "produl_server: %d event(s) still pending after the %s flush (%.1f s budget)",
-                client.stats.pending,
-                why,
-                budget,
-            )
+        report_flush(client, done, why, budget)

@@ -35,7 +35,6 @@ import logging
 import threading
 from typing import Any
 
-import attrs
 import dramatiq
 from dramatiq.broker import Broker
 from dramatiq.common import q_name
@@ -43,7 +42,7 @@ from dramatiq.middleware import Middleware
 
 from .._client import Produl
 from .._jobs import enter_job, leave_job
-from . import flush_clients
+from . import JobOptions, flush_clients
 
 __all__ = ["ProdulMiddleware", "connect", "disconnect"]
 
@@ -53,13 +52,7 @@ _lock = threading.Lock()
 _clients: list[Produl] = []
 
 
-@attrs.frozen
-class _Options:
-    flush_after_job: bool = False
-    shutdown_timeout: float | None = None
-
-
-_options = _Options()
+_options = JobOptions()
 
 
 def connect(
@@ -91,7 +84,7 @@ def connect(
     with _lock:
         if not any(known is client for known in _clients):
             _clients.append(client)
-        _options = _Options(flush_after_job, shutdown_timeout)
+        _options = JobOptions(flush_after_job, shutdown_timeout)
     if not any(isinstance(known, ProdulMiddleware) for known in broker.middleware):
         broker.add_middleware(ProdulMiddleware())
 

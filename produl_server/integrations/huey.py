@@ -34,12 +34,11 @@ import logging
 import threading
 from typing import Any
 
-import attrs
 from huey import signals  # type: ignore[import-untyped]
 
 from .._client import Produl
 from .._jobs import enter_job, leave_job
-from . import flush_clients
+from . import JobOptions, flush_clients
 
 __all__ = ["connect", "disconnect"]
 
@@ -63,13 +62,7 @@ _TASK_END = (
 _HOOK_NAME = "produl_server_flush"
 
 
-@attrs.frozen
-class _Options:
-    flush_after_job: bool = False
-    shutdown_timeout: float | None = None
-
-
-_options = _Options()
+_options = JobOptions()
 
 
 def connect(
@@ -99,7 +92,7 @@ def connect(
     with _lock:
         if not any(known is client for known in _clients):
             _clients.append(client)
-        _options = _Options(flush_after_job, shutdown_timeout)
+        _options = JobOptions(flush_after_job, shutdown_timeout)
         if any(known is huey for known in _hueys):
             return
         _hueys.append(huey)

@@ -37,12 +37,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 from rq.worker import BaseWorker
 
 from .._client import Produl
 from .._jobs import enter_job, leave_job
-from . import flush_clients
+from . import JobOptions, flush_clients
 
 __all__ = ["connect", "disconnect"]
 
@@ -53,13 +52,7 @@ _clients: list[Produl] = []
 _original: Callable[..., bool] | None = None
 
 
-@attrs.frozen
-class _Options:
-    flush_after_job: bool = False
-    shutdown_timeout: float | None = None
-
-
-_options = _Options()
+_options = JobOptions()
 
 
 def connect(
@@ -85,7 +78,7 @@ def connect(
     with _lock:
         if not any(known is client for known in _clients):
             _clients.append(client)
-        _options = _Options(flush_after_job, shutdown_timeout)
+        _options = JobOptions(flush_after_job, shutdown_timeout)
         if _original is None:
             _original = BaseWorker.perform_job
             BaseWorker.perform_job = _wrap(_original)  # type: ignore[method-assign]
