@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable
 
 __all__ = ["Inbox", "Item", "Queued"]
 
@@ -56,22 +57,25 @@ class Inbox:
         self._first_at = 0.0
         self._last_at = 0.0
 
-    def put(self, queued: Queued, now: float) -> int:
-        """Queue one event; return how many wait now (0: the queue is full, not queued)."""
+    def put(self, body: bytes, visitor: str | None, accept: Callable[[], int], now: float) -> int:
+        """Queue one event, numbered by *accept* only once it has room.
+
+        One lock per call on the caller's path: a full queue is found and
+        refused here, before any number or object is made for the event.
+
+        Returns:
+            How many wait now; 0 when the queue is full and nothing was
+            queued or numbered.
+        """
         with self._lock:
             waiting = len(self._queue)
             if waiting >= self.size:
                 return 0
-            self._queue.append(queued)
+            self._queue.append((body, visitor, accept()))
             if not waiting:
                 self._first_at = now
             self._last_at = now
             return waiting + 1
-
-    def full(self) -> bool:
-        """Whether the next :meth:`put` would be refused."""
-        with self._lock:
-            return len(self._queue) >= self.size
 
     def waiting(self) -> int:
         """Events queued and not taken yet."""

@@ -121,16 +121,15 @@ class Worker:
         sender = self._sender
         if sender is None and not self._sync:
             sender = self._start()
-        if (acc.outbox is None or acc.outbox.exit_only) and acc.inbox.full():
-            # Full, and nowhere to spool: refused before any object is made,
-            # at the cost of an accepted call (P10), however long it lasts.
-            self._door.refuse_full(body)
-            return
-        seq = acc.ledger.accept()
         now = self._clock()
-        waiting = acc.inbox.put((body, visitor, seq), now)
+        waiting = acc.inbox.put(body, visitor, acc.ledger.accept, now)
         if not waiting:
-            self._overflow(Item(body, visitor, seq))
+            if acc.outbox is None or acc.outbox.exit_only:
+                # Full, and nowhere to spool: refused before any object is
+                # made, at the cost of an accepted call (P10).
+                self._door.refuse_full(body)
+            else:
+                self._overflow(Item(body, visitor, acc.ledger.accept()))
             return
         if sender is None:
             self._inline.run(now + self._config.request_timeout, wait=False)

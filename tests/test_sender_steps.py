@@ -135,8 +135,8 @@ class Rig:
     def track(self, number, visitor="v"):
         """What Worker.put does: accept, queue, wake."""
         body = json.dumps({"t": "ev", "n": "e", "vi": visitor, "pr": {"i": number}}).encode()
-        seq = self.accounts.ledger.accept()
-        assert self.accounts.inbox.put((body, visitor, seq), self.now)
+        waiting = self.accounts.inbox.put(body, visitor, self.accounts.ledger.accept, self.now)
+        assert waiting
 
     def step(self):
         return self.sender.step()
