@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ._signals import leave_signals_to_others, start_thread
+from ._threads import leave_signals_to_others, start_thread
 
 __all__ = ["Deadlines", "Watch"]
 

@@ -20,7 +20,7 @@ import threading
 from ._accounts import Accounts
 from ._config import exit_lanes
 from ._inbox import Item
-from ._signals import leave_signals_to_others
+from ._threads import leave_signals_to_others
 from ._transport import Outcome, Transport
 
 __all__ = ["LANE_LATENCY", "Lanes"]

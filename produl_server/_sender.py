@@ -20,7 +20,7 @@ from ._accounts import Accounts
 from ._inbox import Item
 from ._lanes import Lanes
 from ._mailbox import Hands, Mailbox
-from ._signals import leave_signals_to_others
+from ._threads import leave_signals_to_others
 from ._transport import Outcome
 from ._transport import Verdict as Answer
 

@@ -32,7 +32,7 @@ from urllib3.util import parse_url
 
 from ._config import Config, exit_lanes, is_loopback, mask_url, proxy_credentials
 from ._protocol import COLLECT_PATH, KEY_HEADER
-from ._signals import leave_signals_to_others, start_thread
+from ._threads import leave_signals_to_others, start_thread
 from ._version import __version__
 
 log = logging.getLogger("produl_server")

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from produl_server._signals import leave_signals_to_others
+from produl_server._threads import leave_signals_to_others
 
 pytestmark = pytest.mark.skipif(
     not pathlib.Path("/proc/self/task").is_dir(), reason="reads thread masks from Linux's /proc"

@@ -14,7 +14,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from produl_server._protocol import KEYED_RATE_LIMIT, KEYLESS_RATE_LIMIT
-from produl_server._signals import leave_signals_to_others
+from produl_server._threads import leave_signals_to_others
 from produl_server.collector._access import HostCheck
 from produl_server.collector._faults import Faults
 from produl_server.collector._fleet import FleetView

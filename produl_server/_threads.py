@@ -1,4 +1,4 @@
-"""Keep the process's signals away from the SDK's threads.
+"""The SDK's own threads: they leave signals to the application, and may not start.
 
 A signal sent to a process is handled by any one of its threads that does
 not block it. Python runs every signal handler in the main thread, but the
@@ -11,6 +11,9 @@ unsent (issue #23). So each long-lived thread of ours blocks the signals an
 application may handle, and the kernel delivers them to a thread that can
 act on them, the main thread included. Signals the kernel sends to the
 thread that caused them (``SIGSEGV`` and alike) are left alone.
+
+From Python 3.12 no thread starts while the interpreter exits:
+:func:`start_thread` says so instead of raising.
 """
 
 from __future__ import annotations
