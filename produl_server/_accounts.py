@@ -284,16 +284,10 @@ class Accounts:
         leftovers += [Item(*queued) for queued in self.inbox.take_all()]
         leftovers = [item for item in leftovers if not self.ledger.is_handled(item.seq)]
         kept = {item.seq for item in self.spool(sorted(leftovers, key=lambda item: item.seq))}
+        cause = self._cause()
         if kept and self.outbox is not None:
-            twice = len(kept & in_flight)
-            log.warning(
-                "produl_server: %d event(s) not delivered before the shutdown deadline "
-                "were spooled in %s%s; the next client that opens it delivers them",
-                len(kept),
-                self.outbox.directory,
-                f" ({twice} of them had a request under way, and may arrive twice)"
-                if twice
-                else "",
+            self.reports.spooled_at_exit(
+                len(kept), self.outbox.directory, len(kept & in_flight), cause
             )
         with self._end.lock:
             count = self._end.took or bool(kept)
@@ -310,17 +304,7 @@ class Accounts:
                 if self.outbox is None
                 else f"The spool ({self.outbox.directory}) could not take them"
             )
-            cause = self._cause()
-            log.warning(
-                "produl_server: %d event(s) not delivered before the shutdown deadline%s; "
-                "they are lost%s. %s",
-                left,
-                f" ({cause})" if cause else "",
-                f" ({unsure} of them had a request under way, and may have arrived)"
-                if unsure
-                else "",
-                remedy,
-            )
+            self.reports.lost_at_exit(left, cause, unsure, remedy)
             error = DeliveryError(
                 "shutdown",
                 "not delivered before the shutdown deadline" + (f" ({cause})" if cause else ""),

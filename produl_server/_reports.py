@@ -71,6 +71,28 @@ class Reports:
             log.warning("produl_server: %s", text)
         self.call_hook(DeliveryError(reason, text, status), item)
 
+    def spooled_at_exit(self, count: int, where: str, twice: int, cause: str) -> None:
+        """The line for events the exit kept in the spool."""
+        log.warning(
+            "produl_server: %d event(s) not delivered before the shutdown deadline%s "
+            "were spooled in %s%s; the next client that opens it delivers them",
+            count,
+            f" ({cause})" if cause else "",
+            where,
+            f" ({twice} of them had a request under way, and may arrive twice)" if twice else "",
+        )
+
+    def lost_at_exit(self, count: int, cause: str, unsure: int, remedy: str) -> None:
+        """The line for events the exit could neither send nor keep."""
+        log.warning(
+            "produl_server: %d event(s) not delivered before the shutdown deadline%s; "
+            "they are lost%s. %s",
+            count,
+            f" ({cause})" if cause else "",
+            f" ({unsure} of them had a request under way, and may have arrived)" if unsure else "",
+            remedy,
+        )
+
     def call_hook(self, error: DeliveryError, event: Item | dict[str, Any]) -> None:
         """Hand one problem to the user's ``on_error`` hook; survive anything it raises.
 

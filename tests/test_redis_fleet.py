@@ -248,7 +248,8 @@ def spool_in_redis(tmp_path, name, api_url, redis_server, count, budget=1.0, **e
     # The exit spends its budget on the outage, and no more because of Redis
     # (FINISH_WAIT, 2 s, is what a finishing exit may add to it; then room).
     assert took < budget + 5.0, (took, err)
-    assert f"{count} event(s) not delivered before the shutdown deadline were spooled" in err, err
+    assert f"{count} event(s) not delivered before the shutdown deadline (last error: " in err, err
+    assert ") were spooled in " in err, err
     assert f"Redis at {redis_server.url}" in err
     assert spooled(redis_server) == count
     return home

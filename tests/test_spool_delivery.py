@@ -111,9 +111,11 @@ def test_a_collector_down_for_the_whole_run_then_up(tmp_path):
         code = TRACK.format(spool=str(spool), budget=1.0, count=200)
         result = run_script(code + "    produl.shutdown()\n    print(produl.stats)\n", env)
         assert result.returncode == 0, result.stderr
-        assert "200 event(s) not delivered before the shutdown deadline were spooled" in (
-            result.stderr
+        assert (
+            "200 event(s) not delivered before the shutdown deadline (last error: HTTP 503"
+            in result.stderr
         )
+        assert ") were spooled in " + str(spool) in result.stderr
         assert "pending=0, spooled=200" in result.stdout
         assert collector.events == []
         collector.reset()  # the collector is back
@@ -244,9 +246,10 @@ def spooled_in_an_outage(collector, spool, count):
     collector.fail_next(1_000_000, status=503)
     result = run_script(TRACK.format(spool=str(spool), budget=0.5, count=count), env_for(collector))
     assert result.returncode == 0, result.stderr
-    assert f"{count} event(s) not delivered before the shutdown deadline were spooled" in (
+    assert f"{count} event(s) not delivered before the shutdown deadline (last error: " in (
         result.stderr
     )
+    assert ") were spooled in " in result.stderr
     collector.reset()  # the collector is back
 
 
