@@ -115,6 +115,11 @@ class Reports:
                 raise
 
 
+# Built once: a full queue refuses every call, and the line is throttled.
+_FULL_SPOOLED = "produl_server: the queue is full (%d events); new events are spooled"
+_FULL_DROPPED = "produl_server: the queue is full (%d events); new events are dropped"
+
+
 class Door:
     """Counts and reports the events refused before they were queued.
 
@@ -132,11 +137,7 @@ class Door:
 
     def full(self, *, spooled: bool) -> None:
         """Say (once a minute) that the queue is full, and what becomes of new events."""
-        self._warn_full(
-            "produl_server: the queue is full (%d events); new events are "
-            + ("spooled" if spooled else "dropped"),
-            self._size,
-        )
+        self._warn_full(_FULL_SPOOLED if spooled else _FULL_DROPPED, self._size)
 
     def refuse_full(self, body: bytes) -> None:
         """A full queue and no spool: count the event dropped, report it."""
