@@ -81,7 +81,7 @@ def classify(status: int, body: bytes, retry_after: str | None) -> Outcome:
         retry_after: The ``Retry-After`` header, if present.
     """
     if 200 <= status < 300:
-        return Outcome(Verdict.DELIVERED, status)
+        return _DELIVERED.get(status) or Outcome(Verdict.DELIVERED, status)
     if status == 429:
         return Outcome(
             Verdict.RETRY, status, _parse_retry_after(retry_after), "rate_limited", "429"
@@ -90,6 +90,10 @@ def classify(status: int, body: bytes, retry_after: str | None) -> Outcome:
         return Outcome(Verdict.RETRY, status, None, "server_error", f"HTTP {status}")
     reason = "unauthorized" if status in (401, 403) else "rejected"
     return Outcome(Verdict.DROP, status, None, reason, _error_message(status, body))
+
+
+#: The answers of nearly every request, made once (an Outcome is frozen).
+_DELIVERED = {status: Outcome(Verdict.DELIVERED, status) for status in (200, 201, 202, 204)}
 
 
 def _parse_retry_after(value: str | None) -> float | None:
