@@ -213,14 +213,7 @@ def build_request_info(
         percent-encoded, when ``include_query`` is on), the referrer and the
         language (unless ``language`` is off).
     """
-    path = quote_path(path)
-    if not path.startswith("/"):
-        path = "/" + path
-    url = None
-    if host:
-        url = f"{scheme}://{host}{path}"
-        if options.include_query and query:
-            url += "?" + urllib.parse.quote_from_bytes(query, safe=_QUERY_SAFE)
+    path, url = request_location(scheme, host, path, query, options)
     return RequestInfo(
         path=path,
         url=url,
@@ -229,6 +222,21 @@ def build_request_info(
         session=session,
         language=first_language(accept_language) if options.language else None,
     )
+
+
+def request_location(
+    scheme: str, host: str | None, path: str, query: bytes, options: IntegrationOptions
+) -> tuple[str, str | None]:
+    """The ``(path, url)`` of a request, as :func:`build_request_info` gives them."""
+    path = quote_path(path)
+    if not path.startswith("/"):
+        path = "/" + path
+    url = None
+    if host:
+        url = f"{scheme}://{host}{path}"
+        if options.include_query and query:
+            url += "?" + urllib.parse.quote_from_bytes(query, safe=_QUERY_SAFE)
+    return path, url
 
 
 def _as_visitor_id(value: object, what: str = "a visitor id") -> VisitorId | None:
@@ -276,16 +284,18 @@ class RequestInfo:
     """
 
     __slots__ = (
+        "_described",
+        "_language",
+        "_located",
+        "_path",
+        "_referrer",
         "_resolved",
         "_session",
         "_session_key",
         "_session_resolved",
+        "_url",
         "_visitor",
         "_visitor_id",
-        "language",
-        "path",
-        "referrer",
-        "url",
     )
 
     def __init__(
@@ -298,20 +308,33 @@ class RequestInfo:
         session: Callable[[], object] | None = None,
         language: str | None = None,
     ) -> None:
+        self._locate(path, url)
+        self._describe(referrer, language)
+        self._identify(visitor, session)
+
+    def _locate(self, path: str | None, url: str | None) -> None:
         # Values the collector would refuse are left out here, so that
         # filling them in can never make a user's track_event() call fail.
         if path is not None and (not path.startswith("/") or len(path) > MAX_PATH):
             path = url = None
         if url is not None and len(url) > MAX_URL:
             url = None
+        self._path = path
+        self._url = url
+        self._located = True
+
+    def _describe(self, referrer: str | None, language: str | None) -> None:
         if referrer is not None and (not referrer or len(referrer) > MAX_URL):
             referrer = None
-        self.path = path
-        self.url = url
-        self.referrer = referrer
+        self._referrer = referrer
         if language is not None and not is_language_tag(language):
             language = None
-        self.language = language
+        self._language = language
+        self._described = True
+
+    def _identify(
+        self, visitor: Callable[[], object] | None, session: Callable[[], object] | None
+    ) -> None:
         self._visitor = visitor
         self._resolved = visitor is None
         self._visitor_id: VisitorId | None = None
@@ -321,6 +344,42 @@ class RequestInfo:
 
     def __repr__(self) -> str:
         return f"<RequestInfo path={self.path!r}>"
+
+    # A subclass may leave the location or the description to be worked out
+    # when first read (the ASGI middleware does): these fill them then.
+    def _find_location(self) -> None:
+        raise NotImplementedError
+
+    def _find_description(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def path(self) -> str | None:
+        """The request path, percent-encoded, starting with ``/``; ``None`` if unusable."""
+        if not self._located:
+            self._find_location()
+        return self._path
+
+    @property
+    def url(self) -> str | None:
+        """The full URL of the request, or ``None`` when its host is not known."""
+        if not self._located:
+            self._find_location()
+        return self._url
+
+    @property
+    def referrer(self) -> str | None:
+        """The ``Referer`` header, if any."""
+        if not self._described:
+            self._find_description()
+        return self._referrer
+
+    @property
+    def language(self) -> str | None:
+        """The visitor's language tag (from ``Accept-Language``), if any."""
+        if not self._described:
+            self._find_description()
+        return self._language
 
     @property
     def visitor_id(self) -> VisitorId | None:

@@ -33,6 +33,9 @@ from . import (
     _current,
     build_client,
     build_request_info,
+    first_language,
+    header_text,
+    request_location,
     split_options,
 )
 from .wsgi import track_pageview_safely
@@ -64,9 +67,9 @@ def _host(scope: Scope, header: bytes | None) -> str | None:
     return f"{host}:{port}"
 
 
-def _full_path(scope: Scope) -> str:
-    path: str = scope.get("path") or "/"
-    root: str = scope.get("root_path") or ""
+def _full_path(path: str | None, root: str | None) -> str:
+    path = path or "/"
+    root = root or ""
     # The ASGI spec has path include root_path; servers before that did not.
     if root and not path.startswith(root):
         path = root + path
@@ -90,6 +93,22 @@ def scope_info(
     Returns:
         The path (percent-encoded), URL, referrer and language of the request.
     """
+    host, referrer, language = _headers(scope)
+    return build_request_info(
+        scheme=scope.get("scheme") or "http",
+        host=_host(scope, host),
+        path=_full_path(scope.get("path"), scope.get("root_path")),
+        query=scope.get("query_string") or b"",
+        referrer=referrer,
+        options=options,
+        visitor=visitor,
+        session=session,
+        accept_language=language,
+    )
+
+
+def _headers(scope: Scope) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """The first ``Host``, ``Referer`` and ``Accept-Language`` of a scope."""
     host = referrer = language = None
     for name, value in scope.get("headers") or ():
         if name == b"host" and host is None:
@@ -98,17 +117,52 @@ def scope_info(
             referrer = value
         elif name == b"accept-language" and language is None:
             language = value
-    return build_request_info(
-        scheme=scope.get("scheme") or "http",
-        host=_host(scope, host),
-        path=_full_path(scope),
-        query=scope.get("query_string") or b"",
-        referrer=referrer,
-        options=options,
-        visitor=visitor,
-        session=session,
-        accept_language=language,
-    )
+    return host, referrer, language
+
+
+class _ScopeInfo(RequestInfo):
+    """The request info of a scope, worked out when first read (issue #22, P7).
+
+    Most requests read nothing of it, or only the path, the URL and the
+    visitor (a ``track_event``); the headers are scanned, and the path
+    quoted, only then, and the referrer and the language only for a
+    pageview. The path and root path are taken at once: a router may
+    rewrite them in the scope it hands on.
+    """
+
+    __slots__ = ("_at", "_options", "_scope")
+
+    def __init__(
+        self,
+        scope: Scope,
+        options: IntegrationOptions,
+        visitor: Callable[[], object] | None,
+        session: Callable[[], object] | None,
+    ) -> None:
+        self._scope = scope
+        self._options = options
+        self._at = (scope.get("path"), scope.get("root_path"))
+        self._located = self._described = False
+        self._identify(visitor, session)
+
+    def _find_location(self) -> None:
+        scope = self._scope
+        self._locate(
+            *request_location(
+                scope.get("scheme") or "http",
+                _host(scope, _headers(scope)[0]),
+                _full_path(*self._at),
+                scope.get("query_string") or b"",
+                self._options,
+            )
+        )
+
+    def _find_description(self) -> None:
+        _host_header, referrer, language = _headers(self._scope)
+        self._describe(
+            header_text(referrer) if referrer else None,
+            first_language(language) if self._options.language else None,
+        )
 
 
 def _content_type(headers: Iterable[tuple[bytes, bytes]]) -> str:
@@ -193,7 +247,7 @@ class ProdulMiddleware:
         chooser, sessions = self.options.visitor_id, self.options.session_key
         visitor = None if chooser is None else (lambda: chooser(scope))
         session = None if sessions is None else (lambda: sessions(scope))
-        info = scope_info(scope, self.options, visitor, session)
+        info = _ScopeInfo(scope, self.options, visitor, session)
         token = _current.set(info)
         try:
             if self.options.pageviews and scope.get("method") == "GET":

@@ -389,3 +389,58 @@ def test_pageview_carries_the_session_key_and_the_language(client, produl_collec
     assert "l" not in inside
     assert pageview["sk"] == "s-5"
     assert pageview.get("l") == ("es-419" if language else None)
+
+
+class CountedHeaders(list):
+    """A scope's header list that counts how often it is read through."""
+
+    reads = 0
+
+    def __iter__(self):
+        type(self).reads += 1
+        return super().__iter__()
+
+
+def test_a_request_that_tracks_nothing_never_reads_its_headers(client, produl_collector):
+    # issue #22, P7: the request info is worked out when first read, so a
+    # request that tracks nothing pays for no header scan, no quoting.
+    async def app(scope, receive, send):
+        assert current_request() is not None
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    CountedHeaders.reads = 0
+    scope = http_scope(headers=CountedHeaders([(b"host", b"shop.example")]))
+    asyncio.run(drive(ProdulMiddleware(app, client), scope, []))
+    assert CountedHeaders.reads == 0
+    assert client.flush(5)
+    assert produl_collector.events == []
+
+
+def test_the_event_has_the_path_the_request_came_with_though_a_router_rewrites_it(
+    client, produl_collector
+):
+    async def app(scope, receive, send):
+        # A router that mounts a sub-application rewrites the scope it hands on.
+        scope["path"], scope["root_path"] = "/items", "/api"
+        client.track_event("inside")
+        info = current_request()
+        assert (info.referrer, info.language) == ("https://ref.example/", "fr-CH")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    headers = [
+        (b"host", b"shop.example"),
+        (b"x-customer", b"c1"),
+        (b"referer", b"https://ref.example/"),
+        (b"accept-language", b"fr-CH, fr;q=0.9"),
+    ]
+    scope = http_scope(path="/api/items", headers=headers)
+    asyncio.run(drive(ProdulMiddleware(app, client, visitor_id=customer), scope, []))
+    assert client.flush(5)
+    (event,) = produl_collector.events
+    assert (event["p"], event["u"], event["vi"]) == (
+        "/api/items",
+        "http://shop.example/api/items",
+        "c1",
+    )
