@@ -89,6 +89,9 @@ class Ledger:
     """Counters and the flush condition of one client."""
 
     def __init__(self) -> None:
+        # Entered as the bare lock, also to notify or wait on the condition
+        # it guards: a C call, not the Condition's Python methods (the
+        # caller and the sender each enter it once per event).
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._accepted = 0
@@ -122,7 +125,7 @@ class Ledger:
             False when the event was handled already (given up at the
             shutdown deadline while its request was still in flight).
         """
-        with self._cond:
+        with self._lock:
             if seq <= self._low or seq in self._runs:
                 return False
             if spooled:
@@ -150,18 +153,18 @@ class Ledger:
 
     def refuse(self, reason: str) -> None:
         """Count an event that was accepted and dropped at once (at the door)."""
-        with self._cond:  # one lock for both: a full queue refuses every call
+        with self._lock:  # one lock for both: a full queue refuses every call
             self._accepted += 1
             self._dropped[reason] += 1
             self._handled(self._accepted)
 
     def count_retry(self) -> None:
-        with self._cond:
+        with self._lock:
             self._retried += 1
 
     def abandon(self, reason: str) -> int:
         """Drop every event not handled yet; return how many there were."""
-        with self._cond:
+        with self._lock:
             left = self._accepted - self._low - len(self._runs)
             if left:
                 self._dropped[reason] += left
@@ -172,7 +175,7 @@ class Ledger:
 
     def wait(self, target: int, timeout: float | None) -> bool:
         """Wait until every event up to *target* is handled, or *timeout*."""
-        with self._cond:
+        with self._lock:
             bisect.insort(self._targets, target)
             try:
                 return self._cond.wait_for(lambda: self._low >= target, timeout)
@@ -185,12 +188,12 @@ class Ledger:
 
     @property
     def pending(self) -> int:
-        with self._cond:
+        with self._lock:
             return self._accepted - self._low - len(self._runs)
 
     def stats(self) -> Stats:
         """A consistent snapshot of the counters."""
-        with self._cond:
+        with self._lock:
             return Stats(
                 queued=self._accepted,
                 sent=self._sent,

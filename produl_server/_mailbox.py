@@ -25,7 +25,10 @@ class Mailbox:
     """Requests to the sender thread, and its answers (any thread)."""
 
     def __init__(self, backlog: bool = False) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # Entered as the bare lock (a C call; the sender reads the mail
+        # several times per event), waited on as the condition.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._flush_to = 0
         self._deadline: float | None = None
         self._spool_asked = False
@@ -37,22 +40,22 @@ class Mailbox:
 
     def flush(self, target: int) -> None:
         """Send every event up to *target* now."""
-        with self._cond:
+        with self._lock:
             self._flush_to = max(self._flush_to, target)
 
     def set_deadline(self, deadline: float | None) -> None:
         """The exit deadline: send what is left until then."""
-        with self._cond:
+        with self._lock:
             self._deadline = deadline
 
     def deadline(self) -> float | None:
         """The exit deadline, if the exit has begun."""
-        with self._cond:
+        with self._lock:
             return self._deadline
 
     def ask_spool(self) -> None:
         """Look in the spool at the next step."""
-        with self._cond:
+        with self._lock:
             self._spool_asked = True
 
     def read(self) -> tuple[int, float | None, bool]:
@@ -60,24 +63,24 @@ class Mailbox:
 
         The sender is awake: it rests no more, and the spool request is taken.
         """
-        with self._cond:
+        with self._lock:
             asked, self._spool_asked = self._spool_asked, False
             self._resting = False
             return self._flush_to, self._deadline, asked
 
     def rest(self) -> None:
         """The sender waits for time or lanes now, not for events (sender thread)."""
-        with self._cond:
+        with self._lock:
             self._resting = True
 
     def resting(self) -> bool:
         """Whether one more event would change nothing for the sender."""
-        with self._cond:
+        with self._lock:
             return self._resting
 
     def looked(self, taken_to: int) -> None:
         """The sender looked in the spool: it took events up to *taken_to*, or none (0)."""
-        with self._cond:
+        with self._lock:
             self._backlog = bool(taken_to)
             if taken_to:
                 self._taken_to = taken_to
@@ -94,7 +97,7 @@ class Mailbox:
             itself when there is nothing more to wait for, or None at the
             timeout.
         """
-        with self._cond:
+        with self._lock:
             if not self._cond.wait_for(
                 lambda: not self._backlog or self._taken_to > target, timeout
             ):
