@@ -281,7 +281,7 @@ class Accounts:
 
     def _finish(self, leftovers: list[Item], in_flight: frozenset[int]) -> None:
         leftovers += self.inbox.take_refused()
-        leftovers += [Item(*queued) for queued in self.inbox.take_all()]
+        leftovers += self.inbox.take_all()
         leftovers = [item for item in leftovers if not self.ledger.is_handled(item.seq)]
         kept = {item.seq for item in self.spool(sorted(leftovers, key=lambda item: item.seq))}
         cause = self._cause()

@@ -295,9 +295,9 @@ class Produl:
             filtered = self._filter(self._before_send, body)
             if filtered is None:
                 return
-            body, visitor_id = filtered
+            body = filtered
         if self._enabled:
-            self._worker.put(body, _visitor_key(visitor_id))
+            self._worker.put(body)
 
     def track_event(
         self,
@@ -349,12 +349,12 @@ class Produl:
             filtered = self._filter(self._before_send, body)
             if filtered is None:
                 return
-            body, visitor_id = filtered
+            body = filtered
         if self._enabled:
-            self._worker.put(body, _visitor_key(visitor_id))
+            self._worker.put(body)
 
-    def _filter(self, hook: BeforeSend, body: bytes) -> tuple[bytes, str | None] | None:
-        """Run ``before_send``: the body and visitor to queue, or None when dropped."""
+    def _filter(self, hook: BeforeSend, body: bytes) -> bytes | None:
+        """Run ``before_send``: the body to queue, or None when dropped."""
         event: dict[str, Any] = json.loads(body)
         try:
             result = hook(event)
@@ -380,8 +380,7 @@ class Produl:
                 exc, result if type(result) is dict else {"before_send": repr(result)[:200]}
             )
             return None
-        visitor = result.get("vi")
-        return new_body, visitor if type(visitor) is str else None
+        return new_body
 
     def _refuse(self, error: InvalidEventError, call: dict[str, Any]) -> None:
         if self._raise:
@@ -539,13 +538,6 @@ def _report_hook_failure(exc: Exception) -> None:
 def worker_of(client: Produl) -> Worker:
     """The worker behind *client*, for the CLI's ``drain`` (not public API)."""
     return client._worker
-
-
-def _visitor_key(visitor_id: object) -> str | None:
-    """The visitor as the sender orders its events: the wire's string."""
-    if visitor_id is None or type(visitor_id) is str:
-        return visitor_id
-    return str(visitor_id)
 
 
 _exit_flush: dict[str, int] = {"running": 0, "signal": 0}

@@ -70,7 +70,7 @@ class InlineSender:
         acc = self._acc
         pending = self._pending
         while True:
-            pending.extend(Item(*queued) for queued in acc.inbox.take_all())
+            pending.extend(acc.inbox.take_all())
             if not pending or acc.finished:
                 return not pending
             now = acc.clock()

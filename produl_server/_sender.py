@@ -238,7 +238,7 @@ class ThreadSender:
             self._drain_to = acc.ledger.accepted
             owed = self._drain_to - self._pulled_to()
         if owed > 0:
-            self._hands.add([Item(*queued) for queued in acc.inbox.take(min(room, owed))])
+            self._hands.add(acc.inbox.take(min(room, owed)))
 
     def _send_next(self, limit: int) -> float | None:
         """Start one request. 0 to go on, else the pause (None: until a lane is done)."""

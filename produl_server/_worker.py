@@ -1,7 +1,7 @@
 """The worker behind one client: ``put``, ``flush``, ``close`` and fork.
 
-Callers only ever put an encoded event in the :class:`~._inbox.Inbox`
-(with its visitor id and sequence number) and maybe wake the sender: they
+Callers only ever put an encoded body in the :class:`~._inbox.Inbox`
+(the visitor id is read back from it) and maybe wake the sender: they
 never block and never see a network error. What happens next belongs to
 other modules: :mod:`._sender` delivers on a thread (:mod:`._inline` on
 the caller's own thread in ``sync_mode``), :mod:`._accounts` settles each
@@ -23,6 +23,7 @@ import attrs
 
 from ._accounts import Accounts, Clock
 from ._config import MAX_SECONDS, Config
+from ._event import visitor_of
 from ._inbox import Item
 from ._inline import InlineSender
 from ._ledger import Stats
@@ -110,26 +111,26 @@ class Worker:
 
     # -- the caller's side -------------------------------------------------
 
-    def put(self, body: bytes, visitor: str | None = None) -> None:
+    def put(self, body: bytes) -> None:
         """Queue one encoded event; never blocks, never raises for delivery."""
         acc = self._acc
         # Set once, under the start lock: a call that races it is counted at the end.
         if self._deadline is not None:
-            item = Item(body, visitor, acc.ledger.accept())
+            item = Item(body, visitor_of(body), acc.ledger.accept())
             self._door.refuse(item, "shutdown", "track_*() called after shutdown()")
             return
         sender = self._sender
         if sender is None and not self._sync:
             sender = self._start()
         now = self._clock()
-        waiting = acc.inbox.put(body, visitor, acc.ledger.accept, now)
+        waiting = acc.inbox.put(body, acc.ledger.accept, now)
         if not waiting:
             if acc.outbox is None or acc.outbox.exit_only:
                 # Full, and nowhere to spool: refused before any object is
                 # made, at the cost of an accepted call (P10).
                 self._door.refuse_full(body)
             else:
-                self._overflow(Item(body, visitor, acc.ledger.accept()))
+                self._overflow(Item(body, visitor_of(body), acc.ledger.accept()))
             return
         if sender is None:
             self._inline.run(now + self._config.request_timeout, wait=False)

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from produl_server import InvalidEventError, InvalidEventTypeError
-from produl_server._event import encode_event, encode_pageview
+from produl_server._event import encode_event, encode_pageview, visitor_of
 
 
 def event(name="invoice_paid", properties=None, visitor_id="cus_1", path=None, url=None, sk=None):
@@ -32,11 +32,12 @@ class Level(enum.IntEnum):
     HIGH = 3
 
 
-def test_event_wire_keys_in_protocol_order_and_absent_fields_omitted():
+def test_event_wire_keys_visitor_first_then_protocol_order_and_absent_fields_omitted():
+    # "vi" leads: the sender reads the visitor back from there (visitor_of).
     body = encode_event("invoice_paid", {"amount_cents": 4900}, "cus_1", "/hook", None, "s1")
     assert body == (
-        b'{"t":"ev","n":"invoice_paid","p":"/hook","u":"https://server/hook",'
-        b'"vi":"cus_1","sk":"s1","pr":{"amount_cents":4900}}'
+        b'{"vi":"cus_1","t":"ev","n":"invoice_paid","p":"/hook","u":"https://server/hook",'
+        b'"sk":"s1","pr":{"amount_cents":4900}}'
     )
     assert event() == {"t": "ev", "n": "invoice_paid", "vi": "cus_1"}
 
@@ -249,3 +250,27 @@ def test_an_invalid_language_names_the_field(language, fragment):
 def test_a_language_of_the_wrong_type_is_a_type_error():
     with pytest.raises(InvalidEventTypeError):
         pageview(language=7)
+
+
+def test_visitor_of_reads_the_visitor_id_back_from_the_first_key():
+    assert visitor_of(encode_event("e", None, "v1", "/p", None, "s")) == "v1"
+    assert visitor_of(encode_pageview("/p", 42, None, "t", None, "s")) == "42"
+    assert visitor_of(encode_event("e", {"vi": "no"}, None, "/p", None, "s")) is None
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        b'{"t":"ev","vi":"v1"}',  # an older release's order: not read
+        b'{"vi": "v1"}',
+        b'{"vi":"unterminated',
+        b'{"vi":"' + b"a" * 2000 + b'"}',  # longer than any id
+        b'{"vi":"bad \\x escape"}',
+        b'{"vi":"\xff\xfe"}',
+        b'{"vi":"',
+        b"",
+    ],
+)
+def test_visitor_of_a_body_not_encoded_here_is_none_or_a_str_never_an_error(foreign):
+    found = visitor_of(foreign)
+    assert found is None or type(found) is str

@@ -16,6 +16,7 @@ import pytest
 
 from produl_server import Config
 from produl_server._accounts import Accounts
+from produl_server._event import encode_event
 from produl_server._quota import QUOTA_WINDOW, RollingQuota
 from produl_server._sender import ThreadSender
 from produl_server._spool import SpooledEvent
@@ -134,8 +135,8 @@ class Rig:
 
     def track(self, number, visitor="v"):
         """What Worker.put does: accept, queue, wake."""
-        body = json.dumps({"t": "ev", "n": "e", "vi": visitor, "pr": {"i": number}}).encode()
-        waiting = self.accounts.inbox.put(body, visitor, self.accounts.ledger.accept, self.now)
+        body = encode_event("e", {"i": number}, visitor, None, None, None)
+        waiting = self.accounts.inbox.put(body, self.accounts.ledger.accept, self.now)
         assert waiting
 
     def step(self):

@@ -10,6 +10,7 @@ import pytest
 from support import wait_until
 
 from produl_server import Config
+from produl_server._event import encode_event
 from produl_server._transport import Outcome, Verdict
 from produl_server._worker import Worker
 
@@ -73,7 +74,7 @@ def worker(transport, **options):
 
 
 def put(w, visitor, i):
-    w.put(json.dumps({"t": "ev", "n": "e", "vi": visitor, "pr": {"i": i}}).encode(), visitor)
+    w.put(encode_event("e", {"i": i}, visitor, None, None, None))
 
 
 def test_lanes_keep_each_visitors_order_and_use_max_in_flight():
