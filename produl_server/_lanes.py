@@ -5,9 +5,10 @@ events to lane threads (``produl-server.sender-N``, at most
 ``max_in_flight``, more while the process exits) and keeps that many
 requests in flight, never two of one visitor, so each visitor's events
 arrive in order. A lane only sends: it reports each outcome back as a
-message, and the sender thread settles it. Everything here but the lane
-threads' own loop runs on the sender thread; :meth:`Lanes.close` may run on
-another, under the lock that guards the lane threads.
+message, and the sender thread settles it. Everything here runs on the
+sender thread but the lanes' own loop and what :class:`LaneThreads` does
+under its lock: :meth:`Lanes.close` and :meth:`Lanes.start_ahead` may run
+on another.
 
 Lanes started ahead. While the process exits the sender opens more lanes
 (:func:`~._config.exit_lanes`), but on Python 3.12 no thread can start
@@ -15,14 +16,15 @@ then (:data:`~._threads.STARTS_AT_EXIT`): there the exit's lanes are
 started before it, and wait on the job queue until it needs them. Two
 moments start them:
 
-- Each event queued beyond a batch (more than ``flush_at`` waiting) starts
-  one more lane, on the caller's thread, until the exit's cap, unless the
-  last request was faster than :data:`LANE_LATENCY` (the exit would not
-  use them). A script that tracks a burst and ends may end before the
-  sender thread first runs (1,000 calls take about 3 ms, less than the
-  interpreter's 5 ms thread switch interval): only the caller is sure to
-  run before the exit. One per event spreads the cost (a thread start,
-  some 0.1 ms) over the burst, and a short burst starts few.
+- Each event that leaves ``flush_at`` or more waiting (when the caller
+  nudges the sender) starts one more lane, on the caller's thread, up to
+  the exit's cap, unless requests are known to take under
+  :data:`LANE_LATENCY` (then the exit would not use them). A script that
+  tracks a burst and ends may end before the sender thread first runs
+  (1,000 calls take about 3 ms, less than the interpreter's 5 ms thread
+  switch interval): only the caller is sure to run before the exit. One
+  per event spreads the cost (a thread start, 0.2 to 0.5 ms) over the
+  burst, and a short burst starts few.
 - The first time the sender opens lanes during normal running (a backlog
   at latency), it starts them all: a later burst, or a spooled backlog
   (no caller queues that), finds them there.
@@ -213,7 +215,7 @@ class Lanes:
         self._threads.grow(wanted, ahead=self.ahead)
 
     def start_ahead(self) -> None:
-        """One more event queued beyond a batch: start one more lane for the exit (any thread).
+        """A full batch waits: start one more lane for the exit (any thread).
 
         Only with :attr:`ahead`; see the module's docstring.
         """
