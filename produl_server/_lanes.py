@@ -68,7 +68,9 @@ class LaneThreads:
     def __init__(self, run: Callable[[], object], cap: int) -> None:
         self._run = run
         self._cap = cap
-        self._lock = threading.Lock()
+        #: Reentrant: a finalizer that tracks an event while this thread
+        #: starts a lane comes back here.
+        self._lock = threading.RLock()
         #: Threads started, and lanes open: the most the sender has wanted at
         #: once. Threads started ahead wait for the exit to open them.
         self._started = 0
@@ -80,12 +82,17 @@ class LaneThreads:
         self._fast = False
 
     def grow(self, wanted: int, *, ahead: bool) -> None:
-        """Open lanes up to *wanted*, starting those not running; *ahead*: all of them."""
-        with self._lock:
-            target = max(wanted, self._cap) if ahead else wanted
-            while self._started < target and self._start():
-                pass
-            self._opened = max(self._opened, min(wanted, self._started))
+        """Open lanes up to *wanted*, starting those not running; *ahead*: all of them.
+
+        One start per hold of the lock: a caller starting one ahead waits
+        for one start at most, never for all.
+        """
+        target = max(wanted, self._cap) if ahead else wanted
+        while True:
+            with self._lock:
+                if self._started >= target or not self._start():
+                    self._opened = max(self._opened, min(wanted, self._started))
+                    return
 
     def one_ahead(self) -> None:
         """Start one more lane for the exit, unless the link is fast or all are there."""
@@ -102,12 +109,13 @@ class LaneThreads:
         """Start one lane thread, under the lock; False if none may start."""
         if self._closed or self._refused:
             return False
-        if not start_thread(self._run, f"produl-server.sender-{self._started + 1}"):
+        self._started += 1  # first: a reentrant call names the next one
+        if not start_thread(self._run, f"produl-server.sender-{self._started}"):
             # At interpreter exit no thread can start: carry on with the
             # lanes there are, or with the sender alone.
+            self._started -= 1
             self._refused = True
             return False
-        self._started += 1
         return True
 
     def opened(self) -> int:
