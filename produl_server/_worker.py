@@ -128,7 +128,7 @@ class Worker:
             if acc.outbox is None or acc.outbox.exit_only:
                 # Full, and nowhere to spool: refused before any object is
                 # made, at the cost of an accepted call (P10).
-                self._door.refuse_full(body)
+                self._door.refuse_full(body, now)
             else:
                 self._overflow(Item(body, visitor_of(body), acc.ledger.accept()))
             return
