@@ -11,7 +11,6 @@ import atexit
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -21,10 +20,12 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal
 
+from . import _sigterm
 from ._config import BeforeSend, Config, ErrorHook, mask_key, mask_url
 from ._event import PageviewData, encode_event, encode_pageview, encode_wire, pseudonym
 from ._jobs import current_job as _current_job
 from ._ledger import Stats
+from ._threads import signals_blocked
 from ._wiring import wire
 from ._worker import Worker
 from .exceptions import DeliveryError, InvalidEventError
@@ -36,6 +37,7 @@ log = logging.getLogger("produl_server")
 # is shut down explicitly.
 _live: weakref.WeakSet[Worker] = weakref.WeakSet()
 _live_lock = threading.Lock()
+_flushing = threading.Lock()
 
 
 class Produl:
@@ -464,7 +466,8 @@ class Produl:
             except BaseException as exc:
                 result.set_exception(exc)
 
-        threading.Thread(target=wait, name="produl-server.aflush", daemon=True).start()
+        with signals_blocked():
+            threading.Thread(target=wait, name="produl-server.aflush", daemon=True).start()
         return await asyncio.wrap_future(result)
 
     async def ashutdown(self, timeout: float | None = None) -> None:
@@ -490,7 +493,8 @@ class Produl:
             except BaseException as exc:
                 done.set_exception(exc)
 
-        threading.Thread(target=close, name="produl-server.ashutdown", daemon=True).start()
+        with signals_blocked():
+            threading.Thread(target=close, name="produl-server.ashutdown", daemon=True).start()
         await asyncio.wrap_future(done)
 
     @property
@@ -540,28 +544,26 @@ def worker_of(client: Produl) -> Worker:
     return client._worker
 
 
-_exit_flush: dict[str, int] = {"running": 0, "signal": 0}
-
-
 def _flush_at_exit() -> None:
     """Give every live client one shared budget to deliver what is left."""
-    _exit_flush["running"] += 1
-    try:
+    with _sigterm.exit_flush():
         _flush_live()
-    finally:
-        _exit_flush["running"] -= 1
-        signum = _exit_flush["signal"]
-        if signum and not _exit_flush["running"]:
-            # A SIGTERM came while we delivered: now let it end the process.
-            os.kill(os.getpid(), signum)
 
 
 def _flush_live() -> None:
-    with _live_lock:
-        workers = list(_live)
-        _live.clear()
-    if not workers:
-        return
+    # One exit flush at a time. A second one (a multiprocessing child's
+    # finalizer while the SIGTERM listener delivers) finds no worker left,
+    # and would let the process end under the first: it waits for it to
+    # finish instead, which its deadline bounds.
+    with _flushing:
+        with _live_lock:
+            workers = list(_live)
+            _live.clear()
+        if workers:
+            _close_all(workers)
+
+
+def _close_all(workers: list[Worker]) -> None:
     # One budget for the whole process, not one per client: the largest
     # configured shutdown_timeout, started once.
     deadline = time.monotonic() + max(w.shutdown_timeout for w in workers)
@@ -572,10 +574,11 @@ def _flush_live() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _live_lock, _mp_armed
-    # The parent's threads may have held the lock at fork time.
+    global _flushing, _live_lock, _mp_armed
+    # The parent's threads may have held the locks at fork time.
     _live_lock = threading.Lock()
-    _exit_flush.update(running=0, signal=0)
+    _flushing = threading.Lock()
+    _sigterm.after_fork_in_child()
     for worker in list(_live):
         worker.after_fork_in_child()
     _mp_armed = False
@@ -627,38 +630,8 @@ def _arm_multiprocessing() -> None:
 def _register_finalizer(_anchor: object) -> None:
     util = sys.modules["multiprocessing.util"]
     util.Finalize(None, _flush_at_exit, exitpriority=_MP_EXIT_PRIORITY)
-    _deliver_on_sigterm()
-
-
-# ``Pool.terminate()``, and so the end of a ``with Pool() as pool:`` block,
-# ends each worker with SIGTERM, which by default kills it before any
-# finalizer runs: what it had queued was lost without a word (issue #23).
-# In a multiprocessing child whose SIGTERM does the default, a handler of
-# ours delivers the queue within ``shutdown_timeout`` and then lets the
-# signal end the process as it would have. A handler the application set
-# is left alone, and no other process gets one.
-
-
-def _deliver_on_sigterm() -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return  # only the main thread may set a handler
-    try:
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return
-        signal.signal(signal.SIGTERM, _deliver_then_die)
-    except (ValueError, OSError):  # pragma: no cover - no signals here
-        return
-
-
-def _deliver_then_die(signum: int, _frame: object) -> None:
-    # A second SIGTERM kills at once.
-    signal.signal(signum, signal.SIG_DFL)
-    # The signal may interrupt the exit flush itself (a pool worker that
-    # got its stop sentinel is delivering in its finalizer when terminate()
-    # sends SIGTERM): that flush goes on, and re-sends the signal when done.
-    _exit_flush["signal"] = signum
-    if not _exit_flush["running"]:
-        _flush_at_exit()
+    # Pool.terminate() ends its workers with SIGTERM (see _sigterm).
+    _sigterm.arm(_flush_live)
 
 
 atexit.register(_flush_at_exit)

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ._threads import leave_signals_to_others, start_thread
+from ._threads import start_thread
 
 __all__ = ["Deadlines", "Watch"]
 
@@ -74,7 +74,6 @@ class Deadlines:
             self._watches.discard(watch)
 
     def _run(self) -> None:
-        leave_signals_to_others()
         pid = os.getpid()
         while True:
             with self._lock:

@@ -20,7 +20,7 @@ import threading
 from ._accounts import Accounts
 from ._config import exit_lanes
 from ._inbox import Item
-from ._threads import leave_signals_to_others
+from ._threads import signals_blocked
 from ._transport import Outcome, Transport
 
 __all__ = ["LANE_LATENCY", "Lanes"]
@@ -115,7 +115,8 @@ class Lanes:
                     daemon=True,
                 )
                 try:
-                    lane.start()
+                    with signals_blocked():
+                        lane.start()
                 except RuntimeError:
                     # At interpreter exit no thread can start: carry on with
                     # the lanes there are, or with the sender alone.
@@ -172,7 +173,6 @@ class Lanes:
 
     def _lane(self, transport: Transport) -> None:
         """One lane: sends what the sender hands it, reports back."""
-        leave_signals_to_others()
         jobs = self._jobs
         while True:
             job = jobs.get()

@@ -20,7 +20,7 @@ from ._accounts import Accounts
 from ._inbox import Item
 from ._lanes import Lanes
 from ._mailbox import Hands, Mailbox
-from ._threads import leave_signals_to_others
+from ._threads import signals_blocked
 from ._transport import Outcome
 from ._transport import Verdict as Answer
 
@@ -58,6 +58,11 @@ class ThreadSender:
 
     # -- messages from other threads ------------------------------------------
 
+    def start(self) -> None:
+        """Start the thread, born blocking the application's signals (see ``_threads``)."""
+        with signals_blocked():
+            self.thread.start()
+
     def request_flush(self, target: int) -> None:
         """Ask for every event up to *target* to be sent now (any thread)."""
         self._mail.flush(target)
@@ -94,7 +99,6 @@ class ThreadSender:
     # -- the thread ------------------------------------------------------------
 
     def _run(self) -> None:
-        leave_signals_to_others()
         while not self._acc.finished:
             try:
                 wait = self.step()

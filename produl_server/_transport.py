@@ -32,7 +32,7 @@ from urllib3.util import parse_url
 
 from ._config import Config, exit_lanes, is_loopback, mask_url, proxy_credentials
 from ._protocol import COLLECT_PATH, KEY_HEADER
-from ._threads import leave_signals_to_others, start_thread
+from ._threads import start_thread
 from ._version import __version__
 
 log = logging.getLogger("produl_server")
@@ -363,7 +363,6 @@ class _Watchdog:
         return getattr(self._local, "watch", None)
 
     def _run(self) -> None:
-        leave_signals_to_others()
         pid = os.getpid()
         with self._lock:
             while self._pid == pid:

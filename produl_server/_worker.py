@@ -339,7 +339,7 @@ class Worker:
             sender.owner = self
             sender.set_deadline(self._deadline)
             try:
-                sender.thread.start()
+                sender.start()
             except RuntimeError:
                 # "can't create new thread at interpreter shutdown": a track
                 # call from an atexit handler. Send on the caller's thread.

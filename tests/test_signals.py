@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from produl_server._threads import leave_signals_to_others
+from produl_server._threads import leave_signals_to_others, start_thread
 
 pytestmark = pytest.mark.skipif(
     not pathlib.Path("/proc/self/task").is_dir(), reason="reads thread masks from Linux's /proc"
@@ -56,3 +56,20 @@ def test_synchronous_signals_are_left_unblocked():
     assert seen, "the thread did not run"
     assert signal.SIGTERM in seen[0]
     assert not {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL} & seen[0]
+
+
+def test_a_thread_of_ours_is_born_with_them_blocked():
+    # Blocked before its first step: a thread that blocked them only once it
+    # ran could take a signal in between.
+    seen: list[set[int]] = []
+    ran = threading.Event()
+
+    def run() -> None:
+        seen.append(blocked(threading.current_thread()))
+        ran.set()
+
+    assert start_thread(run, "produl-server.test")
+    assert ran.wait(10), "the thread did not run"
+    assert {signal.SIGTERM, signal.SIGINT} <= seen[0]
+    # The starting thread gets its own mask back.
+    assert signal.SIGTERM not in blocked(threading.current_thread())
