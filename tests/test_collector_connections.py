@@ -39,8 +39,8 @@ def start() -> Iterator:
         server.stop()
 
 
-def connection_threads() -> int:
-    return sum(thread.name == CONNECTION_THREAD for thread in threading.enumerate())
+def connection_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name == CONNECTION_THREAD}
 
 
 def wait_for(condition, timeout: float = 20.0) -> bool:
@@ -83,20 +83,25 @@ def post_event(server: CollectorServer) -> int:
 
 def test_connections_over_the_cap_are_closed_and_threads_stay_bounded(start, caplog) -> None:
     server = start(max_connections=CAP, request_deadline=60)
+    # Threads of this server only: an earlier test's may still be ending.
     before = connection_threads()
+
+    def new_threads() -> int:
+        return len(connection_threads() - before)
+
     held = [slow_start(server.port) for _ in range(CAP)]
     extra: list[socket.socket] = []
     try:
-        assert wait_for(lambda: connection_threads() - before == CAP)
+        assert wait_for(lambda: new_threads() == CAP)
         extra = [slow_start(server.port) for _ in range(10)]
         assert all(closed_by_peer(sock, 20) for sock in extra)
-        assert connection_threads() - before <= CAP
+        assert new_threads() <= CAP
         assert "the most this collector serves at once" in caplog.text
     finally:
         for sock in held + extra:
             sock.close()
     # Room again once the held ones are gone.
-    assert wait_for(lambda: connection_threads() - before == 0)
+    assert wait_for(lambda: new_threads() == 0)
     assert post_event(server) == 204
 
 
