@@ -85,7 +85,9 @@ def exit_lanes(max_in_flight: int) -> int:
 
     Nothing else needs the CPU then, and the backlog must go before the
     exit deadline: up to 8 times ``max_in_flight``, at most 32. With
-    ``max_in_flight=1`` (strict queue order) it stays 1.
+    ``max_in_flight=1`` (strict queue order) it stays 1. On Python 3.12,
+    where no thread starts at exit, the lanes for them start before it
+    (:mod:`._lanes`).
     """
     return 1 if max_in_flight == 1 else min(max_in_flight * 8, 32)
 

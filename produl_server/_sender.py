@@ -79,7 +79,13 @@ class ThreadSender:
         self.wake.set()
 
     def nudge(self) -> None:
-        """A batch is full: wake the sender, unless it waits for time, not events."""
+        """A batch is full: wake the sender, unless it waits for time, not events.
+
+        Where no thread can start at exit, each nudge starts one more lane
+        for it too (see :mod:`._lanes`).
+        """
+        if self._lanes.ahead:
+            self._lanes.start_ahead()
         if not self._mail.resting() and not self.wake.is_set():
             self.wake.set()
 
@@ -164,7 +170,6 @@ class ThreadSender:
                 if due != 0.0:
                     return due
             self._drain_to = acc.ledger.accepted
-        transport = acc.get_transport()
         while True:
             # The exit may begin in the middle of a round: each request
             # starts knowing its deadline.
@@ -172,7 +177,7 @@ class ThreadSender:
             self._settle_done()
             limit = self._limit()
             if limit > 1 and limit > self._lanes.count():
-                self._lanes.grow(limit, transport)
+                self._lanes.grow(limit)
                 limit = self._limit()
             # The spool's older events first, also while exiting (issue #22):
             # none of the queue's is taken while a look may still find some.

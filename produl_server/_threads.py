@@ -14,18 +14,27 @@ act on them, the main thread included. A thread is born with them blocked
 would leave a moment in which it could take one. Signals the kernel sends
 to the thread that caused them (``SIGSEGV`` and alike) are left alone.
 
-From Python 3.12 no thread starts while the interpreter exits:
-:func:`start_thread` says so instead of raising.
+On Python 3.12 no thread starts while the interpreter exits:
+:func:`start_thread` says so instead of raising, and :data:`STARTS_AT_EXIT`
+says so in advance, for the threads the exit will need (:mod:`._lanes`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
-__all__ = ["leave_signals_to_others", "signals_blocked", "start_thread"]
+__all__ = ["STARTS_AT_EXIT", "leave_signals_to_others", "signals_blocked", "start_thread"]
+
+#: Whether a thread can start while the interpreter exits (in an ``atexit``
+#: handler, or a ``threading`` exit hook). Python 3.12 refuses ("can't create
+#: new thread at interpreter shutdown"); 3.10, 3.11 and 3.13 allow it. Known
+#: by the version, not found out: the refusal shows only once the exit has
+#: begun, too late for the process that meets it, and a process exits once.
+STARTS_AT_EXIT = sys.version_info[:2] != (3, 12)
 
 _NAMES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD")
 _ASYNC = frozenset(getattr(signal, name) for name in _NAMES if hasattr(signal, name))
@@ -59,8 +68,10 @@ def signals_blocked() -> Iterator[None]:
 def start_thread(target: Callable[[], object], name: str) -> bool:
     """Start a daemon thread; False where none can start.
 
-    From Python 3.12 no thread starts once the interpreter is shutting
-    down, and a client's first request may come only then (at exit).
+    On Python 3.12 no thread starts once the interpreter is shutting
+    down (:data:`STARTS_AT_EXIT`), and a client's first request may come
+    only then (at exit). A refusal of the system (too many threads) is a
+    False too.
     """
     try:
         with signals_blocked():

@@ -9,7 +9,8 @@ import time
 import pytest
 from support import wait_until
 
-from produl_server import Config
+from produl_server import Config, _lanes
+from produl_server._config import exit_lanes
 from produl_server._event import encode_event
 from produl_server._transport import Outcome, Verdict
 from produl_server._worker import Worker
@@ -90,6 +91,83 @@ def test_lanes_keep_each_visitors_order_and_use_max_in_flight():
         assert mine == sorted(mine)
     assert transport.most_in_flight == 4
     assert {"produl-server.sender-1", "produl-server.sender-4"} <= transport.threads
+
+
+def new_lanes(before):
+    """The lane threads started since *before* (a set of threads)."""
+    return {
+        t for t in set(threading.enumerate()) - before if t.name.startswith("produl-server.sender-")
+    }
+
+
+@pytest.fixture(name="no_thread_at_exit")
+def _no_thread_at_exit(monkeypatch):
+    """Python 3.12's way, on any Python: lanes start ahead; refuse() ends thread starts."""
+    monkeypatch.setattr(_lanes, "STARTS_AT_EXIT", False)
+    refused = threading.Event()
+    start = _lanes.start_thread
+
+    def start_unless_refused(target, name):
+        return not refused.is_set() and start(target, name)
+
+    monkeypatch.setattr(_lanes, "start_thread", start_unless_refused)
+    return refused.set
+
+
+def test_lanes_started_ahead_wait_for_the_exit_and_it_opens_them(no_thread_at_exit):
+    transport = ScriptedTransport(latency=0.02)
+    before = set(threading.enumerate())
+    w = worker(transport, max_in_flight=4, flush_interval=600)
+    for i in range(100):
+        put(w, f"v{i % 97}", i)
+    # One lane per event beyond a batch, on the caller's thread: all of the
+    # exit's are there when the last call returns, whatever the sender did.
+    assert len(new_lanes(before)) == exit_lanes(4) == 32
+    assert w.flush(timeout=60)
+    # While the process runs, no more in flight than max_in_flight.
+    assert transport.most_in_flight == 4
+    for i in range(100, 700):
+        put(w, f"v{i % 97}", i)
+    no_thread_at_exit()  # as at interpreter exit on Python 3.12
+    w.close(3)  # 600 events at 20 ms: 4 lanes would need 3 s
+    assert len(transport.sent) == 700
+    for visitor in range(97):
+        mine = [e["pr"]["i"] for e in transport.sent if e["vi"] == f"v{visitor}"]
+        assert mine == sorted(mine)
+    # The exit opened more lanes than max_in_flight, though none could start.
+    assert 4 < transport.most_in_flight <= 32
+
+
+def test_the_sender_starts_the_exit_lanes_when_it_first_opens_lanes(no_thread_at_exit):
+    transport = ScriptedTransport()
+    before = set(threading.enumerate())
+    w = worker(transport, max_in_flight=3, flush_interval=600)
+    put(w, "v", 0)
+    assert w.flush(timeout=30)
+    # A fast link: a backlog on it starts no lane, ahead or not.
+    for i in range(1, 41):
+        put(w, f"v{i}", i)
+    assert w.flush(timeout=30)
+    assert new_lanes(before) == set()
+    # Slower: the callers still knew it fast, the sender opens lanes, and
+    # starts the exit's with them.
+    transport.latency = 0.02
+    for i in range(41, 81):
+        put(w, f"v{i}", i)
+    assert w.flush(timeout=30)
+    assert len(new_lanes(before)) == exit_lanes(3) == 24
+    assert transport.most_in_flight == 3
+
+
+def test_no_lane_starts_ahead_with_max_in_flight_1(no_thread_at_exit):
+    transport = ScriptedTransport(latency=0.005)
+    before = set(threading.enumerate())
+    w = worker(transport, max_in_flight=1, flush_interval=600)
+    for i in range(50):
+        put(w, "v", i)
+    assert w.flush(timeout=30)
+    assert new_lanes(before) == set()
+    assert [e["pr"]["i"] for e in transport.sent] == list(range(50))
 
 
 def test_a_retried_event_goes_back_in_front_and_nothing_is_lost():
